@@ -1,0 +1,51 @@
+# kushi: the two set-up commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# System packages the tests drive for real (curl as the client, ip for namespaces,
+# haproxy for the scale-out case, chromium for the status page and PAC tests, openssl).
+TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl
+BENCH_SYSPKGS := wrk apache2-utils nginx-light squid tinyproxy curl
+
+.PHONY: run test lint unit sysdeps bench bench-quick soak clean
+
+$(BIN)/kushi: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml $(BIN)/kushi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(BIN)/kushi
+	$(BIN)/kushi serve $(ARGS)
+
+sysdeps:
+	@bash scripts/ensure-packages.sh $(TEST_SYSPKGS)
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy --strict src
+
+test: sysdeps lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+unit: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-deps
+	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.test-deps
+	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
+
+soak: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q -m soak --run-soak tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

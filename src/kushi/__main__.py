@@ -1,0 +1,3 @@
+from kushi.cli import main
+
+raise SystemExit(main())

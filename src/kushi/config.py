@@ -1,0 +1,465 @@
+"""The one configuration object.
+
+``load_config()`` builds a frozen ``Config`` once: defaults, then the TOML file (read with
+``tomllib``), then command-line flags. Every flag has a key of the same name in the file
+(``--connect-ports`` is ``connect_ports``). Validation happens here and nowhere else: a bad
+value raises ``ConfigError`` naming the key, which the command line turns into one line and
+exit code 2.
+
+File layout::
+
+    listen = ["127.0.0.1:3128"]        # top-level keys: the default listener, and the
+    egress = "prefer-ipv6"              # defaults every [[listener]] table inherits
+    [timeouts]
+    connect = 10.0
+    [[listener]]
+    mode = "reverse"
+    listen = ["[::]:8080"]
+    backend = ["http://127.0.0.1:8080"]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, cast
+
+from kushi.errors import ConfigError
+
+Mode = Literal["forward", "reverse", "tcp"]
+EgressPolicy = Literal["prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MODES: tuple[Mode, ...] = ("forward", "reverse", "tcp")
+EGRESS_POLICIES: tuple[EgressPolicy, ...] = ("prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only")
+LOG_FORMATS = ("squid", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOOPBACK_ONLY = ("127.0.0.0/8", "::1/128")
+EVERYONE = ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port; IPv6 literals are kept without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str, key: str, default_port: int | None = None) -> Address:
+    """Parse ``HOST:PORT`` / ``[V6]:PORT`` (``default_port`` when the port may be left out)."""
+    text = text.strip()
+    host: str
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(key, f"{text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ConfigError(key, f"{text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise ConfigError(key, f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        if text.count(":") > 1:
+            raise ConfigError(key, f"{text!r}: put IPv6 addresses in brackets, as [::1]:3128")
+        host, sep, port_text_ = text.partition(":")
+        port_text = port_text_ if sep else None
+    if not host:
+        raise ConfigError(key, f"{text!r}: no host")
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(key, f"{text!r}: no port (expected HOST:PORT)")
+        return Address(host, default_port)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(key, f"{text!r}: port must be a number from 0 to 65535")
+    return Address(host, int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. ``happy_eyeballs_delay`` is RFC 8305's Connection Attempt Delay."""
+
+    connect: float = 10.0
+    happy_eyeballs_delay: float = 0.25
+    dns: float = 5.0
+    header_read: float = 30.0
+    idle: float = 60.0
+    upstream_header: float = 60.0
+    tunnel_idle: float = 600.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_line: int = 8192
+    max_header_bytes: int = 65536
+    max_connections: int = 10000
+    max_connections_per_client: int = 256
+    upstream_pool_size: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One ``[[listener]]``: its mode, addresses and per-listener options."""
+
+    name: str
+    mode: Mode
+    listen: tuple[Address, ...]
+    allow: tuple[str, ...]
+    open: bool = False
+    egress: EgressPolicy = "prefer-ipv6"
+    nat64: Literal["allow", "refuse"] = "allow"
+    nat64_prefixes: tuple[ipaddress.IPv6Network, ...] = (ipaddress.IPv6Network("64:ff9b::/96"),)
+    connect_ports: frozenset[int] = frozenset({443})
+    access_log: str | None = "-"
+    access_log_format: Literal["squid", "json"] = "squid"
+    backend: tuple[str, ...] = ()
+    preserve_host: bool = True
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_protocol: bool = False
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    backend_proxy_protocol: int = 0
+    backend_retry: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[Listener, ...]
+    log_level: str = "info"
+    workers: int = 1
+    dns_cache_ttl: float = 30.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    admin_listen: tuple[Address, ...] = ()
+    admin_allow: tuple[str, ...] = LOOPBACK_ONLY
+    pac_proxy: str = ""
+    source: str | None = None
+
+    def listener(self, name: str) -> Listener:
+        for item in self.listeners:
+            if item.name == name:
+                return item
+        raise KeyError(name)
+
+
+# Keys that may appear at the top level and in a [[listener]] table.
+LISTENER_KEYS = {f.name for f in fields(Listener)} - {"name"}
+GLOBAL_KEYS = {"log_level", "workers", "dns_cache_ttl", "admin_listen", "admin_allow", "pac_proxy"}
+TABLE_KEYS = {"timeouts": Timeouts, "limits": Limits}
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    return tuple(cast(list[str], value))
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+    return cast(str, value)
+
+
+def _number(key: str, value: Any, *, integer: bool = False, minimum: float = 0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(key, f"expected a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, got {value!r}")
+    return value
+
+
+def parse_network(key: str, text: str) -> IPNetwork:
+    try:
+        net = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(key, f"{text!r} is not an address or CIDR network") from None
+    return unmap_network(net)
+
+
+def unmap_network(net: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 network (``::ffff:0:0/96`` and inside it) is the IPv4 network."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
+    return net
+
+
+def _allow_entries(key: str, value: Any) -> tuple[str, ...]:
+    """CIDRs are normalised; anything else must be a host name (re-resolved at run time)."""
+    out = []
+    for entry in _str_list(key, value):
+        entry = entry.strip()
+        try:
+            out.append(str(parse_network(key, entry)))
+        except ConfigError:
+            if not _is_hostname(entry):
+                raise ConfigError(key, f"{entry!r} is neither a CIDR nor a host name") from None
+            out.append(entry.lower().rstrip("."))
+    return tuple(out)
+
+
+def _is_hostname(text: str) -> bool:
+    labels = text.rstrip(".").split(".")
+    return (
+        bool(text)
+        and len(text) <= 253
+        and all(
+            0 < len(label) <= 63
+            and label[0] != "-"
+            and label[-1] != "-"
+            and all(c.isalnum() or c == "-" for c in label)
+            and label.isascii()
+            for label in labels
+        )
+        and not labels[-1].isdigit()
+    )
+
+
+def _ports(key: str, value: Any) -> frozenset[int]:
+    if isinstance(value, str):
+        items: list[Any] = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(key, f"expected a list of ports, got {value!r}")
+    ports = set()
+    for item in items:
+        text = str(item)
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            raise ConfigError(key, f"{item!r} is not a port from 1 to 65535")
+        ports.add(int(text))
+    return frozenset(ports)
+
+
+def _listener_value(key: str, value: Any) -> Any:
+    """Parse one listener key from its file or flag form to its ``Listener`` field type."""
+    if key == "mode":
+        return _choice(key, value, MODES)
+    if key == "listen":
+        addrs = tuple(parse_hostport(v, key) for v in _str_list(key, value))
+        if not addrs:
+            raise ConfigError(key, "needs at least one HOST:PORT")
+        return addrs
+    if key == "allow":
+        return _allow_entries(key, value)
+    if key in ("open", "preserve_host", "proxy_protocol"):
+        return _bool(key, value)
+    if key == "egress":
+        return _choice(key, value, EGRESS_POLICIES)
+    if key == "nat64":
+        return _choice(key, value, ("allow", "refuse"))
+    if key == "nat64_prefixes":
+        nets = []
+        for text in _str_list(key, value):
+            net = parse_network(key, text)
+            if not isinstance(net, ipaddress.IPv6Network) or net.prefixlen > 96:
+                raise ConfigError(key, f"{text!r} is not an IPv6 prefix of /96 or shorter")
+            nets.append(net)
+        return tuple(nets)
+    if key == "connect_ports":
+        return _ports(key, value)
+    if key == "access_log":
+        text = _str(key, value)
+        return text or None
+    if key == "access_log_format":
+        return _choice(key, value, LOG_FORMATS)
+    if key == "backend":
+        return _str_list(key, value)
+    if key in ("trusted_proxies", "proxy_protocol_from"):
+        return tuple(parse_network(key, v) for v in _str_list(key, value))
+    if key == "backend_proxy_protocol":
+        if value not in (0, 1, 2) or isinstance(value, bool):
+            raise ConfigError(key, f"expected 0 (off), 1 or 2, got {value!r}")
+        return value
+    if key == "backend_retry":
+        return float(_number(key, value))
+    raise ConfigError(key, "unknown key")  # pragma: no cover - callers check the key set
+
+
+def _check_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> None:
+    key = f"listener {name}: backend"
+    if mode == "forward":
+        if backends:
+            raise ConfigError(key, "a forward listener has no backend (it forwards by URL)")
+        return
+    if not backends:
+        raise ConfigError(key, f"a {mode} listener needs at least one backend")
+    for item in backends:
+        if mode == "reverse":
+            scheme, sep, rest = item.partition("://")
+            if not sep or scheme != "http":
+                raise ConfigError(key, f"{item!r}: expected http://HOST[:PORT]")
+            parse_hostport(rest.rstrip("/"), key, default_port=80)
+        else:
+            parse_hostport(item, key)
+
+
+def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
+    mode = cast(Mode, values.get("mode", "forward"))
+    default_listen = (Address("127.0.0.1", 3128), Address("::1", 3128))
+    listen = values.get("listen", default_listen if mode == "forward" else None)
+    if listen is None:
+        raise ConfigError(f"listener {name}: listen", f"a {mode} listener needs listen addresses")
+    allow = values.get("allow", LOOPBACK_ONLY if mode == "forward" else EVERYONE)
+    kwargs = {k: v for k, v in values.items() if k not in ("mode", "listen", "allow")}
+    listener = Listener(name=name, mode=mode, listen=listen, allow=allow, **kwargs)
+    _check_backends(name, mode, listener.backend)
+    if listener.mode == "forward" and not listener.open:
+        public = [a for a in listener.listen if not _is_loopback(a.host)]
+        if public and any(entry in EVERYONE for entry in listener.allow):
+            raise ConfigError(
+                f"listener {name}: allow",
+                f"admits every address on {public[0]}: that is an open proxy; "
+                "narrow allow or pass --open (open = true)",
+            )
+    if listener.proxy_protocol and not listener.proxy_protocol_from:
+        raise ConfigError(
+            f"listener {name}: proxy_protocol_from",
+            "proxy_protocol = true needs the trusted load balancers' addresses",
+        )
+    return listener
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError("config", f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the file at ``path``, then ``overrides`` (flags, keyed like the file)."""
+    data: dict[str, Any] = read_file(path) if path else {}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key in data:
+        if key not in LISTENER_KEYS | GLOBAL_KEYS | set(TABLE_KEYS) | {"listener"}:
+            raise ConfigError(key, "unknown key")
+
+    top: dict[str, Any] = {}
+    for key in LISTENER_KEYS:
+        if key in data:
+            top[key] = _listener_value(key, data[key])
+    tables = data.get("listener", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("listener", "expected [[listener]] tables")
+    for key, value in overrides.items():
+        if key in LISTENER_KEYS:
+            if tables and key in ("listen", "backend", "mode"):
+                raise ConfigError(
+                    key, f"--{key.replace('_', '-')} cannot be combined with [[listener]] tables"
+                )
+            top[key] = _listener_value(key, value)
+
+    listeners: list[Listener] = []
+    if not tables:
+        listeners.append(_build_listener(str(top.get("mode", "forward")), top))
+    for index, table in enumerate(tables):
+        name = table.get("name", f"{table.get('mode', 'forward')}{index}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"listener[{index}].name", "expected a non-empty string")
+        # A table inherits the top-level keys except its own identity (mode, listen,
+        # backend); flags override the file, tables included.
+        values = {k: v for k, v in top.items() if k not in ("listen", "backend", "mode")}
+        for key, value in table.items():
+            if key == "name":
+                continue
+            if key not in LISTENER_KEYS:
+                raise ConfigError(f"listener {name}: {key}", "unknown key")
+            values[key] = _listener_value(f"listener {name}: {key}", value)
+        values.update({k: top[k] for k in overrides if k in LISTENER_KEYS})
+        listeners.append(_build_listener(name, values))
+    names = [item.name for item in listeners]
+    if len(set(names)) != len(names):
+        raise ConfigError("listener.name", "listener names must be unique")
+
+    merged = {**{k: v for k, v in data.items() if k in GLOBAL_KEYS}, **overrides}
+    config = Config(listeners=tuple(listeners), source=path)
+    for key in GLOBAL_KEYS:
+        if key in merged:
+            config = replace(config, **{key: _global_value(key, merged[key])})
+    for table_name, cls in TABLE_KEYS.items():
+        table = data.get(table_name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(table_name, "expected a table")
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"{table_name}.{key}", "unknown key")
+            integer = known[key].type in ("int", int)
+            number = _number(f"{table_name}.{key}", value, integer=integer, minimum=0)
+            values[key] = int(number) if integer else float(number)
+        for key, value in overrides.items():
+            if key.startswith(f"{table_name}.") and key.split(".", 1)[1] in known:
+                values[key.split(".", 1)[1]] = value
+        config = replace(config, **{table_name: cls(**values)})
+    if config.admin_listen:
+        _check_admin(config)
+    return config
+
+
+def _global_value(key: str, value: Any) -> Any:
+    if key == "log_level":
+        return _choice(key, value, LOG_LEVELS)
+    if key == "workers":
+        workers = int(_number(key, value, integer=True))
+        return workers or (os.cpu_count() or 1)
+    if key == "dns_cache_ttl":
+        return float(_number(key, value))
+    if key == "admin_listen":
+        if value in ("", [], "off"):
+            return ()
+        return tuple(parse_hostport(v, key) for v in _str_list(key, value))
+    if key == "admin_allow":
+        return _allow_entries(key, value)
+    if key == "pac_proxy":
+        return _str(key, value)
+    raise ConfigError(key, "unknown key")  # pragma: no cover
+
+
+def _check_admin(config: Config) -> None:
+    public = [a for a in config.admin_listen if not _is_loopback(a.host)]
+    if public and any(entry in EVERYONE for entry in config.admin_allow):
+        raise ConfigError("admin_allow", f"admits every address on {public[0]}; narrow it")
