@@ -1,0 +1,201 @@
+"""The command line: ``kushi [serve|reverse|tcp|config] ...``.
+
+Flags are turned into a dict keyed like the config file and handed to ``load_config``,
+which is the only place options are validated. A bad flag or config value prints one
+line naming the key and exits 2; a listener that cannot start prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from kushi import __version__
+from kushi.config import Config, load_config
+from kushi.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+COMMANDS = ("serve", "reverse", "tcp", "config", "whoami", "check")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"kushi: {message} (see kushi {self.prog.split()[-1]} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser, mode: str) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file; flags override it")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="address to listen on (repeatable; IPv6 in brackets, e.g. [::1]:3128)"
+        + (" [default: 127.0.0.1:3128 and [::1]:3128]" if mode == "forward" else ""),
+    )
+    p.add_argument(
+        "--egress",
+        choices=("prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only"),
+        help="address family for outgoing connections [default: prefer-ipv6]",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR|HOST",
+        help="client addresses allowed (repeatable; a host name is re-resolved periodically) "
+        + ("[default: loopback only]" if mode == "forward" else "[default: everyone]"),
+    )
+    p.add_argument(
+        "--access-log", metavar="PATH|-", help="access log file, - for stdout, '' for off"
+    )
+    p.add_argument("--access-log-format", choices=("squid", "json"), help="[default: squid]")
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="[default: info]"
+    )
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (0: one per core) [default: 1]"
+    )
+    p.add_argument(
+        "--nat64",
+        choices=("allow", "refuse"),
+        help="whether ipv6-only accepts destinations in the NAT64 prefix [default: allow]",
+    )
+    p.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        action="append",
+        help="admin listener for /metrics, the status page and /proxy.pac [default: off]",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kushi",
+        description="kushi: an HTTP proxy that bridges IPv4 and IPv6.",
+        epilog="Bare `kushi` is `kushi serve`. See README.md for the config file reference.",
+    )
+    parser.add_argument("--version", action="version", version=f"kushi {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the forward proxy (and every listener in --config)",
+        description="Forward proxy: IPv4 clients in, IPv6 (first or only) out.",
+    )
+    _common(serve, "forward")
+    serve.add_argument(
+        "--connect-ports",
+        metavar="PORTS",
+        help="ports CONNECT may reach, e.g. 443,8443 [default: 443]",
+    )
+    serve.add_argument(
+        "--open",
+        action="store_true",
+        default=None,
+        help="allow starting with a non-loopback listener whose allow list admits everyone",
+    )
+
+    for mode, what in (
+        ("reverse", "HTTP reverse proxy: put an HTTP backend on IPv6"),
+        ("tcp", "TCP relay: put any TCP backend on IPv6 (like 6tunnel)"),
+    ):
+        p = sub.add_parser(mode, help=what, description=what)
+        _common(p, mode)
+        p.add_argument(
+            "--backend",
+            action="append",
+            required=True,
+            metavar="URL" if mode == "reverse" else "HOST:PORT",
+            help="backend (repeatable; round-robin)"
+            + (", e.g. http://127.0.0.1:8080" if mode == "reverse" else ", e.g. 127.0.0.1:443"),
+        )
+        p.add_argument(
+            "--backend-proxy-protocol",
+            type=int,
+            choices=(1, 2),
+            help="send the client's address to the backend in PROXY protocol v1 or v2",
+        )
+
+    config = sub.add_parser("config", help="check a config file or print the commented example")
+    config_sub = config.add_subparsers(dest="config_command", parser_class=_Parser, required=True)
+    check = config_sub.add_parser("check", help="validate FILE: exit 0 if good, 2 with the problem")
+    check.add_argument("file")
+    config_sub.add_parser("example", help="print the commented example config")
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags as config-file keys; unset flags are left out so the file's values stand."""
+    keys = (
+        "listen",
+        "egress",
+        "allow",
+        "access_log",
+        "access_log_format",
+        "log_level",
+        "workers",
+        "nat64",
+        "connect_ports",
+        "open",
+        "backend",
+        "backend_proxy_protocol",
+        "admin_listen",
+    )
+    out: dict[str, Any] = {}
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    if args.command in ("reverse", "tcp"):
+        out["mode"] = args.command
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "config":
+        return config_command(args)
+    overrides = overrides_from(args)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"kushi: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run(config, overrides)
+
+
+def run(config: Config, overrides: dict[str, Any]) -> int:
+    from kushi.server import StartupError, configure_logging, serve
+
+    configure_logging(config.log_level)
+    try:
+        return serve(config, overrides)
+    except StartupError as exc:
+        logging.getLogger("kushi").error("%s", exc)
+        print(f"kushi: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 0
+
+
+def config_command(args: argparse.Namespace) -> int:
+    if args.config_command == "example":
+        from importlib.resources import files
+
+        sys.stdout.write(files("kushi").joinpath("example.toml").read_text(encoding="utf-8"))
+        return 0
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"kushi: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    names = ", ".join(f"{c.name} ({c.mode})" for c in config.listeners)
+    print(f"{args.file}: OK; listeners: {names}")
+    return 0

@@ -1,0 +1,676 @@
+"""HTTP/1.1 messages without I/O (RFC 9112).
+
+Bytes go in, parsed heads and body events come out; serialisers return bytes. Nothing here
+touches a socket, the event loop or the clock, so every rule can be tested by feeding bytes.
+
+The parser is deliberately strict, because a proxy that reads a message differently from
+the server behind it is how requests are smuggled (RFC 9112 section 11.2):
+
+* lines end in CRLF; a bare CR or LF is an error;
+* field names are tokens, with no whitespace before the colon (RFC 9112 section 5.1);
+* field values hold no control bytes other than HTAB (RFC 9110 section 5.5);
+* obs-fold is rejected (RFC 9112 section 5.2);
+* a request with both Content-Length and Transfer-Encoding, a Transfer-Encoding other than
+  exactly ``chunked``, differing Content-Lengths or an invalid chunk size is rejected
+  (RFC 9112 section 6.3).
+
+Body framing is handled by small readers that consume a ``bytearray`` buffer in place
+(``ContentLengthReader``, ``ChunkedReader``, ``UntilCloseReader``) and return ``Data`` and
+``EndOfMessage`` events, so bytes that follow a message (a pipelined request) stay in the
+buffer for the next one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kushi.errors import (
+    HeaderTooLarge,
+    KushiError,
+    RequestError,
+    ResponseHeaderTooLarge,
+    ResponseIncomplete,
+    UpstreamError,
+    URITooLong,
+    VersionNotSupported,
+)
+
+Header = tuple[bytes, bytes]
+
+# RFC 9110 section 5.6.2: token = 1*tchar
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]+")
+# RFC 9112 section 3: request-line = method SP request-target SP HTTP-version
+_REQUEST_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e]+) (\S+)")
+_VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# RFC 9112 section 4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
+_STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3}) ?([\t\x20-\x7e\x80-\xff]*)")
+# RFC 9112 section 5: field-line = field-name ":" OWS field-value OWS
+_FIELD_RE = re.compile(
+    rb"([" + _TCHAR + rb"]+):[ \t]*((?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+)?[ \t]*"
+)
+_DIGITS_RE = re.compile(rb"[0-9]{1,18}")
+_CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?)")
+
+# RFC 9110 section 7.6.1 and RFC 9112: fields that apply to one connection only.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+
+REASONS = {
+    100: "Continue",
+    101: "Switching Protocols",
+    200: "OK",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How a message body is delimited (RFC 9112 section 6.3)."""
+
+    kind: Literal["none", "length", "chunked", "close"]
+    length: int = 0
+
+
+NO_BODY = Framing("none")
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: tuple[int, int]
+    headers: list[Header]
+    framing: Framing = NO_BODY
+    keep_alive: bool = True
+    expect_continue: bool = False
+    upgrade: bytes | None = None
+
+    def get(self, name: bytes) -> bytes | None:
+        return get_header(self.headers, name)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: tuple[int, int]
+    headers: list[Header]
+    framing: Framing = NO_BODY
+    keep_alive: bool = True
+
+    def get(self, name: bytes) -> bytes | None:
+        return get_header(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage:
+    trailers: list[Header] = field(default_factory=list)
+
+
+BodyEvent = Data | EndOfMessage
+
+
+# --- headers -----------------------------------------------------------------------------
+
+
+def get_header(headers: Iterable[Header], name: bytes) -> bytes | None:
+    """The value of the one field called ``name`` (lower case), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def get_all(headers: Iterable[Header], name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def split_list(values: Iterable[bytes]) -> list[bytes]:
+    """RFC 9110 section 5.6.1 list elements, lower-cased, empty elements dropped."""
+    out = []
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t").lower()
+            if item:
+                out.append(item)
+    return out
+
+
+def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
+    return set(split_list(get_all(headers, b"connection")))
+
+
+def strip_hop_by_hop(
+    headers: list[Header], *, keep: frozenset[bytes] = frozenset()
+) -> list[Header]:
+    """Remove hop-by-hop fields and every field named in Connection (RFC 9110 section 7.6.1)."""
+    named = connection_tokens(headers)
+    drop = (HOP_BY_HOP | named) - keep
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+# --- heads -------------------------------------------------------------------------------
+
+
+def find_head_end(
+    buf: bytes | bytearray, max_line: int, max_head: int, *, response: bool = False
+) -> int:
+    """Offset just past the CRLFCRLF that ends the head in ``buf``, or -1 if not there yet.
+
+    Raises when the limits are already exceeded: the first line longer than ``max_line``
+    (414, or 502 for a response) or the whole head longer than ``max_head`` (431)."""
+    end = buf.find(b"\r\n\r\n", 0, max_head + 4)
+    if end >= 0:
+        first = buf.find(b"\r\n", 0, end + 2)
+        if first > max_line:
+            if response:
+                raise ResponseHeaderTooLarge(f"status line longer than {max_line} bytes")
+            raise URITooLong(f"request line longer than {max_line} bytes")
+        return end + 4
+    first = buf.find(b"\r\n", 0, max_line + 2)
+    if first < 0 and len(buf) > max_line:
+        if response:
+            raise ResponseHeaderTooLarge(f"status line longer than {max_line} bytes")
+        raise URITooLong(f"request line longer than {max_line} bytes")
+    if len(buf) > max_head:
+        if response:
+            raise ResponseHeaderTooLarge(f"response head larger than {max_head} bytes")
+        raise HeaderTooLarge(f"request header section larger than {max_head} bytes")
+    return -1
+
+
+def _split_lines(head: bytes, error: type[KushiError]) -> list[bytes]:
+    if head.endswith(b"\r\n\r\n"):
+        head = head[:-4]
+    lines = head.split(b"\r\n")
+    for line in lines:
+        if b"\r" in line or b"\n" in line:
+            raise error("bare CR or LF in the message head")
+    return lines
+
+
+def _parse_fields(lines: list[bytes], error: type[KushiError]) -> list[Header]:
+    headers: list[Header] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 section 5.2: obs-fold is rejected rather than unfolded.
+            raise error("obsolete line folding (obs-fold) in a header field")
+        m = _FIELD_RE.fullmatch(line)
+        if m is None:
+            name = line.split(b":", 1)[0]
+            if b":" not in line:
+                raise error(f"header line without a colon: {_show(line)}")
+            if not _TOKEN_RE.fullmatch(name):
+                raise error(f"invalid header field name {_show(name)}")
+            raise error(f"invalid characters in the value of {_show(name)}")
+        headers.append((m.group(1), m.group(2) or b""))
+    return headers
+
+
+def _show(value: bytes) -> str:
+    text = value[:60].decode("latin-1")
+    return repr(text)
+
+
+def _content_length(values: list[bytes], error: type[KushiError]) -> int:
+    """RFC 9112 section 6.3 item 5: identical repeated values are one; others are errors."""
+    lengths = set()
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not _DIGITS_RE.fullmatch(item):
+                raise error(f"invalid Content-Length {_show(value)}")
+            lengths.add(int(item))
+    if len(lengths) != 1:
+        raise error("conflicting Content-Length values")
+    return lengths.pop()
+
+
+def _transfer_coding_is_chunked(values: list[bytes]) -> bool:
+    """True when Transfer-Encoding is exactly ``chunked``; False for anything else."""
+    codings = [item.strip(b" \t").lower() for value in values for item in value.split(b",")]
+    return codings == [b"chunked"]
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse a request head (request line and fields, ending CRLFCRLF optional).
+
+    Raises ``RequestError`` (400), ``VersionNotSupported`` (505)."""
+    # RFC 9112 section 2.2: ignore at least one empty line before the request-line.
+    while head.startswith(b"\r\n"):
+        head = head[2:]
+    lines = _split_lines(head, RequestError)
+    m = _REQUEST_LINE_RE.fullmatch(lines[0])
+    if m is None:
+        raise RequestError(f"malformed request line {_show(lines[0])}")
+    method, target, version_text = m.groups()
+    v = _VERSION_RE.fullmatch(version_text)
+    if v is None:
+        raise RequestError(f"malformed HTTP version {_show(version_text)}")
+    version = (int(v.group(1)), int(v.group(2)))
+    if version[0] != 1:
+        raise VersionNotSupported(f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1")
+    if version[1] > 1:
+        version = (1, 1)
+    headers = _parse_fields(lines[1:], RequestError)
+    req = RequestHead(method, target, version, headers)
+
+    # RFC 9112 section 3.2: a 1.1 request has exactly one Host field.
+    hosts = get_all(headers, b"host")
+    if len(hosts) > 1:
+        raise RequestError("more than one Host header")
+    if version == (1, 1) and not hosts:
+        raise RequestError("HTTP/1.1 request without a Host header")
+    if hosts and hosts[0] and not valid_authority(hosts[0]):
+        raise RequestError(f"invalid Host header {_show(hosts[0])}")
+
+    te = get_all(headers, b"transfer-encoding")
+    cl = get_all(headers, b"content-length")
+    if te:
+        if version == (1, 0):
+            raise RequestError("Transfer-Encoding in an HTTP/1.0 request")
+        if cl:
+            raise RequestError("both Content-Length and Transfer-Encoding")
+        if not _transfer_coding_is_chunked(te):
+            raise RequestError(f"unsupported Transfer-Encoding {_show(b', '.join(te))}")
+        req.framing = Framing("chunked")
+    elif cl:
+        length = _content_length(cl, RequestError)
+        req.framing = Framing("length", length) if length else NO_BODY
+
+    tokens = connection_tokens(headers)
+    if version == (1, 1):
+        req.keep_alive = b"close" not in tokens
+    else:
+        req.keep_alive = b"keep-alive" in tokens
+    expect = get_header(headers, b"expect")
+    req.expect_continue = expect is not None and expect.strip().lower() == b"100-continue"
+    if b"upgrade" in tokens:
+        req.upgrade = get_header(headers, b"upgrade")
+    return req
+
+
+def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
+    """Parse a response head and decide its framing (RFC 9112 section 6.3).
+
+    Raises ``UpstreamError`` (502, ``http_protocol_error``) for anything malformed or
+    ambiguous: a response kushi cannot frame exactly is never passed on."""
+    lines = _split_lines(head, UpstreamError)
+    m = _STATUS_LINE_RE.fullmatch(lines[0])
+    if m is None:
+        raise UpstreamError(f"malformed status line {_show(lines[0])}")
+    major, minor, status_text, reason = m.groups()
+    if major != b"1":
+        raise UpstreamError(f"upstream answered with HTTP/{int(major)}.{int(minor)}")
+    version = (1, min(int(minor), 1))
+    status = int(status_text)
+    if status < 100:
+        raise UpstreamError(f"invalid status code {status}")
+    headers = _parse_fields(lines[1:], UpstreamError)
+    resp = ResponseHead(status, reason, version, headers)
+    tokens = connection_tokens(headers)
+    resp.keep_alive = (b"close" not in tokens) if version == (1, 1) else (b"keep-alive" in tokens)
+
+    te = get_all(headers, b"transfer-encoding")
+    cl = get_all(headers, b"content-length")
+    if te and cl:
+        raise UpstreamError("response has both Content-Length and Transfer-Encoding")
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        # Still validate the length fields: a garbled Content-Length is a broken response.
+        if cl:
+            _content_length(cl, UpstreamError)
+        resp.framing = NO_BODY
+    elif request_method == b"CONNECT" and 200 <= status < 300:
+        resp.framing = NO_BODY
+    elif te:
+        if version == (1, 0):
+            raise UpstreamError("Transfer-Encoding in an HTTP/1.0 response")
+        if _transfer_coding_is_chunked(te):
+            resp.framing = Framing("chunked")
+        elif split_list(te)[-1:] == [b"chunked"]:
+            raise UpstreamError("response applies a transfer coding kushi does not decode")
+        else:
+            # RFC 9112 section 6.3 item 4: not chunked last, so read until close.
+            resp.framing = Framing("close")
+            resp.keep_alive = False
+    elif cl:
+        resp.framing = Framing("length", _content_length(cl, UpstreamError))
+    else:
+        resp.framing = Framing("close")
+        resp.keep_alive = False
+    return resp
+
+
+# --- targets -----------------------------------------------------------------------------
+
+_REG_NAME_RE = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%]+")
+_IPV6_LITERAL_RE = re.compile(rb"\[[0-9A-Fa-f:.]+\]")
+
+
+def split_authority(authority: bytes) -> tuple[str, int | None]:
+    """``host[:port]`` to (host without brackets, port or None). Raises ValueError."""
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        if end < 0 or not _IPV6_LITERAL_RE.fullmatch(authority[: end + 1]):
+            raise ValueError("bad IPv6 literal")
+        host, rest = authority[1:end], authority[end + 1 :]
+        if rest and not rest.startswith(b":"):
+            raise ValueError("junk after IPv6 literal")
+        port_text = rest[1:] if rest else None
+    else:
+        host, sep, port_raw = authority.partition(b":")
+        port_text = port_raw if sep else None
+        if not host or not _REG_NAME_RE.fullmatch(host):
+            raise ValueError("bad host")
+    port = None
+    if port_text is not None and port_text != b"":
+        if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+            raise ValueError("bad port")
+        port = int(port_text)
+    return host.decode("ascii").lower(), port
+
+
+def valid_authority(authority: bytes) -> bool:
+    try:
+        split_authority(authority)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A request target (RFC 9112 section 3.2) reduced to what routing needs."""
+
+    form: Literal["origin", "absolute", "authority", "asterisk"]
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+    path: bytes = b"/"
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = {"http": 80, "https": 443}.get(self.scheme)
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def parse_target(method: bytes, target: bytes) -> Target:
+    """Classify and split a request target. Raises ``RequestError``."""
+    if method == b"CONNECT":
+        # RFC 9110 section 9.3.6: authority-form, the port is required.
+        try:
+            host, port = split_authority(target)
+        except ValueError:
+            raise RequestError(f"invalid CONNECT target {_show(target)}") from None
+        if port is None or port == 0:
+            raise RequestError("CONNECT target needs a port")
+        return Target("authority", "", host, port, b"")
+    if target.startswith(b"/"):
+        return Target("origin", path=target)
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise RequestError("asterisk-form is only for OPTIONS")
+        return Target("asterisk", path=b"*")
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or not _TOKEN_RE.fullmatch(scheme):
+        raise RequestError(f"invalid request target {_show(target)}")
+    slash = len(rest)
+    for ch in (b"/", b"?"):
+        pos = rest.find(ch)
+        if 0 <= pos < slash:
+            slash = pos
+    authority, path = rest[:slash], rest[slash:]
+    if b"@" in authority:
+        raise RequestError("user information in the request target is not allowed")
+    try:
+        host, port = split_authority(authority)
+    except ValueError:
+        raise RequestError(f"invalid host in request target {_show(target)}") from None
+    scheme_text = scheme.decode("ascii").lower()
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme_text, 0)
+    if path.startswith(b"?"):
+        path = b"/" + path
+    return Target("absolute", scheme_text, host, port, path or b"/")
+
+
+# --- bodies ------------------------------------------------------------------------------
+
+
+class ContentLengthReader:
+    __slots__ = ("remaining",)
+
+    def __init__(self, length: int) -> None:
+        self.remaining = length
+
+    def read(self, buf: bytearray) -> BodyEvent | None:
+        if self.remaining == 0:
+            return EndOfMessage()
+        if not buf:
+            return None
+        n = min(len(buf), self.remaining)
+        data = bytes(buf[:n]) if n < len(buf) else bytes(buf)
+        del buf[:n]
+        self.remaining -= n
+        return Data(data)
+
+    def eof(self) -> EndOfMessage:
+        if self.remaining:
+            raise ResponseIncomplete(f"connection closed with {self.remaining} body bytes missing")
+        return EndOfMessage()
+
+
+class UntilCloseReader:
+    __slots__ = ()
+
+    def read(self, buf: bytearray) -> BodyEvent | None:
+        if not buf:
+            return None
+        data = bytes(buf)
+        buf.clear()
+        return Data(data)
+
+    def eof(self) -> EndOfMessage:
+        return EndOfMessage()
+
+
+class ChunkedReader:
+    """RFC 9112 section 7.1 chunked decoding; ``error`` is the class raised on bad input."""
+
+    __slots__ = ("state", "remaining", "trailers", "error", "max_line", "trailer_bytes")
+
+    def __init__(self, error: type[KushiError] = RequestError, max_line: int = 4096) -> None:
+        self.state: Literal["size", "data", "data_crlf", "trailers", "done"] = "size"
+        self.remaining = 0
+        self.trailers: list[Header] = []
+        self.error = error
+        self.max_line = max_line
+        self.trailer_bytes = 0
+
+    def read(self, buf: bytearray) -> BodyEvent | None:
+        while True:
+            if self.state == "data":
+                if not buf:
+                    return None
+                n = min(len(buf), self.remaining)
+                data = bytes(buf[:n])
+                del buf[:n]
+                self.remaining -= n
+                if self.remaining == 0:
+                    self.state = "data_crlf"
+                return Data(data)
+            if self.state == "done":
+                return EndOfMessage(self.trailers)
+            end = buf.find(b"\r\n", 0, self.max_line + 2)
+            if end < 0:
+                if (
+                    len(buf) > self.max_line
+                    or b"\n" in buf
+                    or (self.state == "data_crlf" and len(buf) >= 2)
+                ):
+                    raise self.error("invalid chunked encoding")
+                return None
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            if self.state == "data_crlf":
+                if line:
+                    raise self.error("chunk data longer than its declared size")
+                self.state = "size"
+            elif self.state == "size":
+                m = _CHUNK_SIZE_RE.fullmatch(line)
+                if m is None:
+                    raise self.error(f"invalid chunk size line {_show(line)}")
+                size = int(m.group(1), 16)
+                if size:
+                    self.remaining = size
+                    self.state = "data"
+                else:
+                    self.state = "trailers"
+            else:  # trailers
+                if not line:
+                    self.state = "done"
+                    return EndOfMessage(self.trailers)
+                self.trailer_bytes += len(line)
+                if self.trailer_bytes > 65536:
+                    raise self.error("trailer section too large")
+                self.trailers.extend(_parse_fields([line], self.error))
+
+    def eof(self) -> EndOfMessage:
+        if self.state != "done":
+            raise ResponseIncomplete("connection closed in the middle of a chunked body")
+        return EndOfMessage(self.trailers)
+
+
+BodyReader = ContentLengthReader | ChunkedReader | UntilCloseReader
+
+
+def body_reader(framing: Framing, error: type[KushiError]) -> BodyReader:
+    if framing.kind == "chunked":
+        return ChunkedReader(error)
+    if framing.kind == "close":
+        return UntilCloseReader()
+    return ContentLengthReader(framing.length if framing.kind == "length" else 0)
+
+
+# --- serialising -------------------------------------------------------------------------
+
+
+def serialize_headers(headers: Iterable[Header]) -> bytes:
+    return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+
+
+def serialize_request_head(method: bytes, target: bytes, headers: Iterable[Header]) -> bytes:
+    return method + b" " + target + b" HTTP/1.1\r\n" + serialize_headers(headers) + b"\r\n"
+
+
+def serialize_response_head(status: int, reason: bytes, headers: Iterable[Header]) -> bytes:
+    if not reason:
+        reason = REASONS.get(status, "").encode()
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason) + serialize_headers(headers) + b"\r\n"
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers: Iterable[Header] = ()) -> bytes:
+    return b"0\r\n" + serialize_headers(trailers) + b"\r\n"
+
+
+# --- Proxy-Status (RFC 9209) ---------------------------------------------------------------
+
+
+def sf_string(text: str) -> str:
+    """An RFC 8941 sf-string: printable ASCII only, with ``"`` and ``\\`` escaped."""
+    safe = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def proxy_status(
+    name: str,
+    *,
+    error: str | None = None,
+    details: str | None = None,
+    next_hop: str | None = None,
+    received_status: int | None = None,
+) -> bytes:
+    """One Proxy-Status member (RFC 9209 section 2) for this proxy."""
+    parts = [name]
+    if error:
+        parts.append(f"error={error}")
+    if next_hop:
+        parts.append(f"next-hop={sf_string(next_hop)}")
+    if received_status is not None:
+        parts.append(f"received-status={received_status}")
+    if details:
+        parts.append(f"details={sf_string(details)}")
+    return "; ".join(parts).encode("ascii")
+
+
+def render_error(
+    exc: KushiError,
+    *,
+    proxy_name: str,
+    close: bool,
+    next_hop: str | None = None,
+    head_only: bool = False,
+    extra_headers: Iterable[Header] = (),
+) -> bytes:
+    """The one place that turns an error into a response, with its Proxy-Status."""
+    reason = REASONS.get(exc.status, "Error")
+    body = (
+        f"{exc.status} {reason}\n\n"
+        f"kushi could not complete this request: {exc.details or exc.error_type}\n"
+        f"(Proxy-Status error type: {exc.error_type})\n"
+    ).encode("utf-8", "replace")
+    headers: list[Header] = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode()),
+        (
+            b"Proxy-Status",
+            proxy_status(proxy_name, error=exc.error_type, details=exc.details, next_hop=next_hop),
+        ),
+        (b"Cache-Control", b"no-store"),
+    ]
+    headers.extend(extra_headers)
+    if close:
+        headers.append((b"Connection", b"close"))
+    head = serialize_response_head(exc.status, reason.encode(), headers)
+    return head if head_only else head + body

@@ -1,0 +1,676 @@
+"""The HTTP handler shared by forward and reverse listeners.
+
+One ``HttpSession`` per client connection reads requests one at a time (pipelined requests
+wait in the buffer and are answered in order), decides the target (``route``), opens or
+reuses an upstream connection for that target through the connector, streams the body
+both ways with backpressure, and writes one access record per request. The modes differ
+only in ``route``: a forward listener takes the target from the absolute-form URL or the
+CONNECT authority; a reverse listener sends origin-form requests to its backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kushi import http1
+from kushi.accesslog import AccessRecord
+from kushi.acl import client_address
+from kushi.connector import Upstream, describe_fallbacks
+from kushi.errors import (
+    ConnectionRefused,
+    ConnectionTerminated,
+    ConnectionTimeout,
+    DestinationUnroutable,
+    KushiError,
+    LoopDetected,
+    NotProxied,
+    RequestDenied,
+    RequestError,
+    RequestTimeout,
+    ResponseIncomplete,
+    ResponseTimeout,
+    UpstreamError,
+)
+from kushi.http1 import Data, EndOfMessage, RequestHead, ResponseHead, Target
+from kushi.netio import READ_SIZE, Conn
+from kushi.proxyproto import build as build_proxy_header
+from kushi.routing import (
+    ClientInfo,
+    downstream_response_headers,
+    max_forwards,
+    seen_via,
+    upstream_request_headers,
+)
+from kushi.runtime import ListenerState, Services
+from kushi.tunnel import relay
+
+log = logging.getLogger("kushi.proxy")
+PROXY_NAME = "kushi"
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
+
+
+@dataclass(slots=True)
+class Route:
+    host: str
+    port: int
+    host_header: bytes
+    path: bytes
+    pool_key: tuple[object, ...]
+    display: str
+
+
+async def read_head(
+    conn: Conn, max_line: int, max_head: int, *, response: bool = False
+) -> bytes | None:
+    """The next message head from ``conn``; None at a clean end of stream before any byte."""
+    while True:
+        end = http1.find_head_end(conn.buf, max_line, max_head, response=response)
+        if end >= 0:
+            head = bytes(conn.buf[:end])
+            del conn.buf[:end]
+            return head
+        if not await conn.fill():
+            if conn.buf.strip(b"\r\n"):
+                if response:
+                    raise ResponseIncomplete(
+                        "upstream closed the connection inside the response head"
+                    )
+                raise RequestError("connection closed inside the request head")
+            return None
+
+
+async def next_body_event(conn: Conn, reader: http1.BodyReader) -> http1.BodyEvent | None:
+    """The next body event, or None when ``conn`` ended first. Large reads go straight through."""
+    while True:
+        if not conn.buf and isinstance(reader, http1.ContentLengthReader) and reader.remaining:
+            data = await conn.read_some(min(reader.remaining, READ_SIZE))
+            if not data:
+                return None
+            reader.remaining -= len(data)
+            return Data(data)
+        if not conn.buf and isinstance(reader, http1.UntilCloseReader):
+            data = await conn.read_some(READ_SIZE)
+            return Data(data) if data else None
+        event = reader.read(conn.buf)
+        if event is not None:
+            return event
+        if not await conn.fill():
+            return None
+
+
+class HttpSession:
+    def __init__(
+        self,
+        services: Services,
+        listener: str,
+        get_state: Callable[[], ListenerState],
+        client: Conn,
+        info: ClientInfo,
+    ) -> None:
+        self.services = services
+        self.listener = listener
+        self.get_state = get_state
+        self.client = client
+        self.info = info
+        self.config = services.config
+        self.upstream: Upstream | None = None  # the one in use by the current request
+        self._current_key: tuple[object, ...] | None = None
+        self._body_done = True
+
+    # --- the request loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        first = True
+        limits = self.config.limits
+        timeouts = self.config.timeouts
+        while True:
+            timeout = timeouts.header_read if first or self.client.buf else timeouts.idle
+            started = time.time()
+            try:
+                async with asyncio.timeout(timeout):
+                    head_bytes = await read_head(
+                        self.client, limits.max_request_line, limits.max_header_bytes
+                    )
+            except TimeoutError:
+                if self.client.buf:
+                    await self._fail_early(
+                        RequestTimeout("request head not received in time"), started
+                    )
+                return
+            except KushiError as exc:
+                await self._fail_early(exc, started)
+                return
+            if head_bytes is None:
+                return
+            first = False
+            state = self.get_state()
+            record = AccessRecord(
+                time=started, listener=self.listener, mode=state.cfg.mode, client=self.info.address
+            )
+            keep = False
+            req: RequestHead | None = None
+            try:
+                req = http1.parse_request_head(head_bytes)
+                record.method = req.method.decode("ascii", "replace")
+                record.target = req.target.decode("ascii", "replace")[:2048]
+                keep = await self.handle(req, state, record)
+            except KushiError as exc:
+                keep = await self._answer_error(exc, record, req)
+            except ClientGone:
+                keep = False
+                record.error = record.error or "client_closed"
+            except Exception as exc:  # never a traceback to the client
+                log.exception("internal error handling %s", record.target)
+                keep = await self._answer_error(
+                    KushiError(f"internal error: {type(exc).__name__}"), record, None
+                )
+            finally:
+                self._release_upstream(False)
+                record.duration = time.time() - started
+                self.services.record(state, record)
+            if not keep or self.client.closed:
+                return
+
+    async def _fail_early(self, exc: KushiError, started: float) -> None:
+        state = self.get_state()
+        record = AccessRecord(
+            time=started, listener=self.listener, mode=state.cfg.mode, client=self.info.address
+        )
+        await self._answer_error(exc, record, None)
+        record.duration = time.time() - started
+        self.services.record(state, record)
+
+    async def _answer_error(
+        self, exc: KushiError, record: AccessRecord, req: RequestHead | None
+    ) -> bool:
+        record.status = exc.status
+        record.error = exc.error_type
+        record.details = exc.details
+        if record.bytes_out or self.client.closed:
+            # The response had started: the only honest signal left is to cut the connection.
+            self.client.abort()
+            return False
+        close = (
+            exc.close
+            or req is None
+            or not req.keep_alive
+            or bool(self.client.buf and req.framing.kind != "none")
+        )
+        # An unread request body makes the connection unusable for the next request.
+        if req is not None and req.framing.kind != "none" and not self._body_done:
+            close = True
+        next_hop = self.upstream.next_hop if self.upstream else None
+        data = http1.render_error(
+            exc,
+            proxy_name=PROXY_NAME,
+            close=close,
+            next_hop=next_hop,
+            head_only=req is not None and req.method == b"HEAD",
+        )
+        try:
+            self.client.write(data)
+            await self.client.drain()
+        except (ConnectionError, OSError):
+            return False
+        record.bytes_out += len(data)
+        if close:
+            self.client.write_eof()
+        return not close
+
+    # --- routing -------------------------------------------------------------------------
+
+    async def handle(self, req: RequestHead, state: ListenerState, record: AccessRecord) -> bool:
+        self._body_done = req.framing.kind == "none"
+        if not state.allow.allows(client_address(self.info.address)):
+            raise RequestDenied(f"client {self.info.address} is not in this listener's allow list")
+        target = http1.parse_target(req.method, req.target)
+        if seen_via(req.headers, self.services.pseudonym):
+            raise LoopDetected("this request has already passed through this kushi (Via)")
+        mode = state.cfg.mode
+        if mode == "forward":
+            if target.form == "authority":
+                return await self.connect_tunnel(req, target, state, record)
+            if target.form != "absolute":
+                return await self.self_page(req, record)
+            if target.scheme != "http":
+                raise RequestError(
+                    f"kushi forwards http:// URLs; for {target.scheme}:// use a CONNECT tunnel"
+                )
+            route = Route(
+                host=target.host,
+                port=target.port,
+                host_header=target.authority.encode("ascii"),
+                path=target.path,
+                pool_key=("fwd", target.host, target.port, state.policy),
+                display=req.target.decode("ascii", "replace"),
+            )
+            return await self.forward(req, route, state, record, reverse=None)
+        # reverse
+        if target.form != "origin" and target.form != "asterisk":
+            raise NotProxied(
+                "this is a reverse proxy: absolute-form and CONNECT requests are refused"
+            )
+        return await self.forward_reverse(req, target, state, record)
+
+    async def forward_reverse(
+        self, req: RequestHead, target: Target, state: ListenerState, record: AccessRecord
+    ) -> bool:
+        host_header = req.get(b"host") or b""
+        last_error: KushiError | None = None
+        for backend in state.backends.candidates():
+            if not state.cfg.preserve_host or not host_header:
+                host_header = str(backend).encode() if backend.port != 80 else backend.host.encode()
+            key: tuple[object, ...] = ("rev", backend.host, backend.port, state.policy)
+            if state.cfg.backend_proxy_protocol:
+                # The PROXY header names one client: never share that connection.
+                key = (*key, id(self))
+            route = Route(
+                backend.host,
+                backend.port,
+                host_header,
+                target.path,
+                key,
+                target.path.decode("latin-1"),
+            )
+            try:
+                keep = await self.forward(req, route, state, record, reverse=self.info)
+            except (ConnectionRefused, ConnectionTimeout, DestinationUnroutable) as exc:
+                state.backends.mark_down(backend)
+                last_error = exc
+                continue
+            state.backends.mark_up(backend)
+            return keep
+        assert last_error is not None
+        raise last_error
+
+    # --- forwarding one request ----------------------------------------------------------
+
+    async def open_upstream(self, route: Route, state: ListenerState) -> tuple[Upstream, bool]:
+        upstream = self.services.pool.get(route.pool_key)
+        if upstream is not None:
+            return upstream, True
+        upstream = await self.services.connector.connect(route.host, route.port, state.policy)
+        if state.cfg.mode != "forward" and state.cfg.backend_proxy_protocol:
+            upstream.conn.write(
+                build_proxy_header(
+                    state.cfg.backend_proxy_protocol,
+                    self.info.address,
+                    self.info.port,
+                    self.info.local_address,
+                    self.info.local_port,
+                )
+            )
+        return upstream, False
+
+    async def forward(
+        self,
+        req: RequestHead,
+        route: Route,
+        state: ListenerState,
+        record: AccessRecord,
+        reverse: ClientInfo | None,
+    ) -> bool:
+        mf = max_forwards(req)
+        if mf == 0:
+            return await self.answer_max_forwards(req, record)
+        upgrade = req.upgrade is not None and req.framing.kind == "none"
+        headers = upstream_request_headers(
+            req,
+            host=route.host_header,
+            pseudonym=self.services.pseudonym,
+            reverse=reverse,
+            keep_upgrade=upgrade,
+        )
+        if req.framing.kind == "chunked":
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        elif req.framing.kind == "length":
+            headers.append((b"Content-Length", str(req.framing.length).encode()))
+        elif req.method in (b"POST", b"PUT", b"PATCH"):
+            headers.append((b"Content-Length", b"0"))
+        head = http1.serialize_request_head(req.method, route.path, headers)
+
+        for attempt in range(2):
+            upstream, reused = await self.open_upstream(route, state)
+            self.upstream = upstream
+            self._current_key = route.pool_key
+            record.upstream = upstream.next_hop
+            record.family = upstream.family
+            record.attempts = [a.describe() for a in upstream.fallbacks]
+            try:
+                upstream.conn.write(head)
+                if req.framing.kind == "none":
+                    await upstream.conn.drain()
+                    resp = await self.read_response_head(req, upstream, record, expect_reuse=reused)
+                    body_task = None
+                else:
+                    body_task = asyncio.ensure_future(self.send_request_body(req, upstream))
+                    resp = await self.read_response_head(req, upstream, record, expect_reuse=False)
+            except _StaleConnection:
+                upstream.conn.abort()
+                self.upstream = None
+                if attempt == 0:
+                    continue
+                raise ConnectionTerminated("upstream closed the connection") from None
+            break
+        else:  # pragma: no cover
+            raise ConnectionTerminated("upstream closed the connection")
+        try:
+            return await self.relay_response(req, resp, upstream, body_task, record, upgrade)
+        finally:
+            if body_task is not None and not body_task.done():
+                body_task.cancel()
+                await asyncio.gather(body_task, return_exceptions=True)
+
+    async def send_request_body(self, req: RequestHead, upstream: Upstream) -> None:
+        reader = http1.body_reader(req.framing, RequestError)
+        chunked = req.framing.kind == "chunked"
+        conn = upstream.conn
+        while True:
+            event = await next_body_event(self.client, reader)
+            if event is None:
+                # The client left mid-upload: the upstream must not take a partial body.
+                conn.abort()
+                raise ClientGone()
+            if isinstance(event, Data):
+                conn.write(http1.encode_chunk(event.data) if chunked else event.data)
+                await conn.drain()
+                continue
+            if chunked:
+                trailers = [(k, v) for k, v in event.trailers if k.lower() not in http1.HOP_BY_HOP]
+                conn.write(http1.encode_last_chunk(trailers))
+                await conn.drain()
+            self._body_done = True
+            return
+
+    async def read_response_head(
+        self, req: RequestHead, upstream: Upstream, record: AccessRecord, *, expect_reuse: bool
+    ) -> ResponseHead:
+        limits = self.config.limits
+        conn = upstream.conn
+        try:
+            async with asyncio.timeout(self.config.timeouts.upstream_header):
+                while True:
+                    before = conn.bytes_in
+                    head = await read_head(
+                        conn, limits.max_request_line, limits.max_header_bytes, response=True
+                    )
+                    if head is None:
+                        if (
+                            expect_reuse
+                            and before == 0
+                            or (expect_reuse and conn.bytes_in == before)
+                        ):
+                            raise _StaleConnection()
+                        raise ConnectionTerminated(
+                            f"upstream {upstream.next_hop} closed the connection without a response"
+                        )
+                    resp = http1.parse_response_head(head, req.method)
+                    if resp.status >= 200 or resp.status == 101:
+                        return resp
+                    # 1xx interim responses (100 Continue, 103 Early Hints) go to 1.1 clients.
+                    if req.version == (1, 1):
+                        headers = downstream_response_headers(
+                            resp,
+                            pseudonym=self.services.pseudonym,
+                            proxy_status=self._status_value(upstream, resp.status),
+                        )
+                        data = http1.serialize_response_head(resp.status, resp.reason, headers)
+                        self.client.write(data)
+                        await self.client.drain()
+        except TimeoutError:
+            raise ResponseTimeout(
+                f"upstream {upstream.next_hop} sent no response head within "
+                f"{self.config.timeouts.upstream_header:g} s"
+            ) from None
+
+    def _status_value(self, upstream: Upstream, status: int) -> bytes:
+        return http1.proxy_status(
+            PROXY_NAME,
+            next_hop=upstream.next_hop,
+            received_status=status,
+            details=(f"{upstream.family}; " + describe_fallbacks(upstream)).rstrip("; ")
+            if upstream.fallbacks
+            else upstream.family,
+        )
+
+    async def relay_response(
+        self,
+        req: RequestHead,
+        resp: ResponseHead,
+        upstream: Upstream,
+        body_task: asyncio.Future[None] | None,
+        record: AccessRecord,
+        upgrade: bool,
+    ) -> bool:
+        record.status = resp.status
+        ctype = resp.get(b"content-type")
+        record.content_type = ctype.decode("latin-1").split(";")[0] if ctype else ""
+        status_value = self._status_value(upstream, resp.status)
+        switching = resp.status == 101 and upgrade
+        headers = downstream_response_headers(
+            resp,
+            pseudonym=self.services.pseudonym,
+            proxy_status=status_value,
+            keep_upgrade=switching,
+        )
+        client_11 = req.version == (1, 1)
+        framing = resp.framing.kind
+        if switching:
+            headers.append((b"Connection", b"upgrade"))
+            self.client.write(http1.serialize_response_head(resp.status, resp.reason, headers))
+            await self.client.drain()
+            upstream.conn.buf, pending = bytearray(), bytes(upstream.conn.buf)
+            if pending:
+                self.client.write(pending)
+            up, down = await relay(self.client, upstream.conn, self.config.timeouts.tunnel_idle)
+            record.bytes_in += up
+            record.bytes_out += down
+            upstream.conn.close()
+            self.upstream = None
+            return False
+        if resp.status == 101:
+            raise UpstreamError("upstream switched protocols without an upgrade request")
+
+        if framing == "none":
+            out_framing = "none"
+            if (req.method == b"HEAD" or resp.status == 304) and resp.get(b"content-length"):
+                headers.append((b"Content-Length", resp.get(b"content-length") or b"0"))
+            elif resp.status not in (204, 304) and resp.status >= 200 and req.method != b"HEAD":
+                headers.append((b"Content-Length", b"0"))
+        elif framing == "length":
+            out_framing = "length"
+            headers.append((b"Content-Length", str(resp.framing.length).encode()))
+        elif client_11:
+            out_framing = "chunked"
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        else:
+            out_framing = "close"
+
+        client_keep = req.keep_alive and out_framing != "close"
+        if not client_keep:
+            headers.append((b"Connection", b"close"))
+        elif not client_11:
+            headers.append((b"Connection", b"keep-alive"))
+        head = http1.serialize_response_head(resp.status, resp.reason, headers)
+        self.client.write(head)
+        record.bytes_out += len(head)
+
+        reader = http1.body_reader(resp.framing, UpstreamError)
+        if framing != "none":
+            while True:
+                event = await next_body_event(upstream.conn, reader)
+                if event is None:
+                    event = reader.eof()  # raises ResponseIncomplete if the body was cut short
+                if isinstance(event, Data):
+                    data = (
+                        http1.encode_chunk(event.data) if out_framing == "chunked" else event.data
+                    )
+                    self.client.write(data)
+                    record.bytes_out += len(data)
+                    if self.client.writer.transport.get_write_buffer_size() > 1 << 20:
+                        try:
+                            await self.client.drain()
+                        except (ConnectionError, OSError):
+                            raise ClientGone() from None
+                    if self.client.closed:
+                        raise ClientGone()
+                    continue
+                if out_framing == "chunked":
+                    trailers = [
+                        (k, v) for k, v in event.trailers if k.lower() not in http1.HOP_BY_HOP
+                    ]
+                    data = http1.encode_last_chunk(trailers)
+                    self.client.write(data)
+                    record.bytes_out += len(data)
+                break
+        try:
+            await self.client.drain()
+        except (ConnectionError, OSError):
+            raise ClientGone() from None
+
+        body_complete = body_task is None
+        if body_task is not None:
+            if body_task.done():
+                body_complete = body_task.exception() is None
+            else:
+                # The upstream answered before reading the whole body (e.g. 413): give the
+                # client a moment to finish; otherwise close both connections.
+                done, _ = await asyncio.wait({body_task}, timeout=1.0)
+                body_complete = bool(done) and body_task.exception() is None
+        record.bytes_in = self.client.bytes_in
+        reusable = (
+            resp.keep_alive and framing != "close" and body_complete and not upstream.conn.at_eof
+        )
+        self._release_upstream(reusable)
+        return client_keep and body_complete
+
+    def _release_upstream(self, reusable: bool) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        if reusable and self._current_key is not None:
+            self.services.pool.put(self._current_key, upstream)
+        else:
+            upstream.conn.close()
+
+    # --- CONNECT -------------------------------------------------------------------------
+
+    async def connect_tunnel(
+        self, req: RequestHead, target: Target, state: ListenerState, record: AccessRecord
+    ) -> bool:
+        if target.port not in state.cfg.connect_ports:
+            allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
+            raise RequestDenied(
+                f"CONNECT to port {target.port} is not allowed (allowed: {allowed})"
+            )
+        upstream = await self.services.connector.connect(target.host, target.port, state.policy)
+        record.upstream = upstream.next_hop
+        record.family = upstream.family
+        record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.status = 200
+        headers = [(b"Proxy-Status", self._status_value(upstream, 200))]
+        head = http1.serialize_response_head(200, b"Connection established", headers)
+        self.client.write(head)
+        record.bytes_out += len(head)
+        try:
+            await self.client.drain()
+        except (ConnectionError, OSError):
+            upstream.conn.abort()
+            raise ClientGone() from None
+        start_in, start_out = self.client.bytes_in, self.client.bytes_out
+        up, down = await relay(self.client, upstream.conn, self.config.timeouts.tunnel_idle)
+        del start_in, start_out
+        record.bytes_in += up
+        record.bytes_out += down
+        upstream.conn.close()
+        return False
+
+    # --- answered by kushi itself ---------------------------------------------------------
+
+    async def self_page(self, req: RequestHead, record: AccessRecord) -> bool:
+        body = SELF_PAGE.format(pseudonym=self.services.pseudonym).encode()
+        status = 200 if req.target in (b"/", b"*") else 404
+        headers = [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Proxy-Status", http1.proxy_status(PROXY_NAME, details="answered by kushi itself")),
+        ]
+        if not req.keep_alive:
+            headers.append((b"Connection", b"close"))
+        data = http1.serialize_response_head(status, b"", headers)
+        if req.method != b"HEAD":
+            data += body
+        await self._drain_request_body(req)
+        self.client.write(data)
+        await self.client.drain()
+        record.status = status
+        record.bytes_out += len(data)
+        return req.keep_alive
+
+    async def answer_max_forwards(self, req: RequestHead, record: AccessRecord) -> bool:
+        """RFC 9110 section 7.6.2: Max-Forwards 0 means this recipient answers."""
+        if req.method == b"TRACE":
+            body = (
+                req.method
+                + b" "
+                + req.target
+                + b" HTTP/1.1\r\n"
+                + http1.serialize_headers(
+                    (k, v)
+                    for k, v in req.headers
+                    if k.lower() not in (b"proxy-authorization", b"cookie")
+                )
+            )
+            ctype = b"message/http"
+        else:
+            body = b""
+            ctype = b"text/plain"
+        headers = [
+            (b"Content-Type", ctype),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH, CONNECT"),
+            (b"Proxy-Status", http1.proxy_status(PROXY_NAME, details="Max-Forwards reached 0")),
+        ]
+        await self._drain_request_body(req)
+        data = http1.serialize_response_head(200, b"", headers) + body
+        self.client.write(data)
+        await self.client.drain()
+        record.status = 200
+        record.bytes_out += len(data)
+        return req.keep_alive
+
+    async def _drain_request_body(self, req: RequestHead) -> None:
+        if req.framing.kind == "none":
+            return
+        reader = http1.body_reader(req.framing, RequestError)
+        while True:
+            event = await next_body_event(self.client, reader)
+            if event is None:
+                raise ClientGone()
+            if isinstance(event, EndOfMessage):
+                self._body_done = True
+                return
+
+
+class _StaleConnection(Exception):
+    """A reused upstream connection was already closed by the server: retry on a new one."""
+
+
+SELF_PAGE = """kushi: an HTTP proxy that bridges IPv4 and IPv6 ({pseudonym})
+
+This address is a proxy, not a web site. Point your client at it:
+
+  curl -x http://THIS-HOST:3128 http://example.com/
+  curl -p -x http://THIS-HOST:3128 https://example.com/    (CONNECT tunnel)
+
+or set it as the HTTP and HTTPS proxy in your browser or OS settings.
+Every response carries a Proxy-Status header whose next-hop names the address kushi
+connected to, and the access log records the family (ipv6, ipv4 or nat64) of each one.
+"""

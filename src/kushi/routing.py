@@ -1,0 +1,156 @@
+"""Header rewriting for the hop from client to upstream and back, without I/O.
+
+What a proxy must change on the way through (RFC 9110 section 7.6): hop-by-hop fields are
+removed (and every field the Connection header names), ``Via`` is appended,
+``Max-Forwards`` is decremented for TRACE and OPTIONS, and in reverse mode the client's
+address is passed on in ``Forwarded`` (RFC 7239) and the ``X-Forwarded-*`` fields.
+The message framing fields are set by the caller to match how it re-frames the body.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from kushi.http1 import (
+    Header,
+    RequestHead,
+    ResponseHead,
+    get_all,
+    strip_hop_by_hop,
+)
+
+FORWARDING_FIELDS = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+)
+FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def via_value(version: tuple[int, int], pseudonym: str) -> bytes:
+    """RFC 9110 section 7.6.3: received-protocol (the version we received) and our name."""
+    proto = "1.0" if version == (1, 0) else "1.1"
+    return f"{proto} {pseudonym}".encode("ascii")
+
+
+def seen_via(headers: list[Header], pseudonym: str) -> bool:
+    """True when our own pseudonym is already in Via: the request came round in a loop."""
+    token = pseudonym.encode("ascii").lower()
+    for value in get_all(headers, b"via"):
+        for hop in value.split(b","):
+            parts = hop.strip().split()
+            if len(parts) >= 2 and parts[1].lower() == token:
+                return True
+    return False
+
+
+def max_forwards(head: RequestHead) -> int | None:
+    """The Max-Forwards value for TRACE and OPTIONS (RFC 9110 section 7.6.2), else None."""
+    if head.method not in (b"TRACE", b"OPTIONS"):
+        return None
+    values = get_all(head.headers, b"max-forwards")
+    if not values:
+        return None
+    text = values[0].strip()
+    return int(text) if text.isdigit() and len(text) < 10 else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who is on the other end of the client connection (after PROXY protocol)."""
+
+    address: str
+    port: int
+    trusted: bool = False  # a configured trusted proxy: its X-Forwarded-* are kept
+    scheme: str = "http"
+    local_address: str = ""
+    local_port: int = 0
+
+
+def _forwarded_node(address: str) -> str:
+    """RFC 7239 section 6: IPv6 nodes are bracketed and the value quoted."""
+    try:
+        addr = ipaddress.ip_address(address)
+    except ValueError:
+        return f'"{address}"'
+    if addr.version == 6:
+        return f'"[{addr}]"'
+    return str(addr)
+
+
+def upstream_request_headers(
+    head: RequestHead,
+    *,
+    host: bytes,
+    pseudonym: str,
+    reverse: ClientInfo | None = None,
+    keep_upgrade: bool = False,
+) -> list[Header]:
+    """The fields to send upstream, without framing fields (the caller adds them)."""
+    keep = frozenset({b"upgrade"}) if keep_upgrade else frozenset()
+    headers = [
+        (k, v)
+        for k, v in strip_hop_by_hop(head.headers, keep=keep)
+        if k.lower() not in FRAMING_FIELDS and k.lower() != b"host"
+    ]
+    if reverse is not None:
+        # Forwarded and X-Forwarded-For are rebuilt below (extending a trusted proxy's);
+        # the rest of an untrusted client's forwarding fields are dropped.
+        drop = FORWARDING_FIELDS if not reverse.trusted else {b"forwarded", b"x-forwarded-for"}
+        headers = [(k, v) for k, v in headers if k.lower() not in drop]
+    out: list[Header] = [(b"Host", host)]
+    out.extend(headers)
+    mf = max_forwards(head)
+    if mf is not None:
+        out = [(k, v) for k, v in out if k.lower() != b"max-forwards"]
+        out.append((b"Max-Forwards", str(max(mf - 1, 0)).encode()))
+    if reverse is not None:
+        out.extend(forwarding_headers(head, host, reverse))
+    out.append((b"Via", via_value(head.version, pseudonym)))
+    if keep_upgrade:
+        out.append((b"Connection", b"upgrade"))
+    return out
+
+
+def forwarding_headers(head: RequestHead, host: bytes, client: ClientInfo) -> list[Header]:
+    """Forwarded and X-Forwarded-* for a reverse hop, appended to trusted incoming ones."""
+    node = _forwarded_node(client.address)
+    forwarded = f"for={node};proto={client.scheme}"
+    if host:
+        forwarded += f';host="{host.decode("latin-1")}"'
+    if client.local_address:
+        forwarded = f"by={_forwarded_node(client.local_address)};" + forwarded
+    xff = client.address
+    out: list[Header] = []
+    if client.trusted:
+        prior = get_all(head.headers, b"x-forwarded-for")
+        if prior:
+            xff = ", ".join(v.decode("latin-1") for v in prior) + ", " + xff
+        prior_fwd = get_all(head.headers, b"forwarded")
+        if prior_fwd:
+            forwarded = ", ".join(v.decode("latin-1") for v in prior_fwd) + ", " + forwarded
+    out.append((b"Forwarded", forwarded.encode("latin-1")))
+    out.append((b"X-Forwarded-For", xff.encode("latin-1")))
+    if not (client.trusted and get_all(head.headers, b"x-forwarded-proto")):
+        out.append((b"X-Forwarded-Proto", client.scheme.encode()))
+    if host and not (client.trusted and get_all(head.headers, b"x-forwarded-host")):
+        out.append((b"X-Forwarded-Host", host))
+    return out
+
+
+def downstream_response_headers(
+    resp: ResponseHead,
+    *,
+    pseudonym: str,
+    proxy_status: bytes,
+    keep_upgrade: bool = False,
+) -> list[Header]:
+    """The fields to send to the client, without framing and Connection fields."""
+    keep = frozenset({b"upgrade"}) if keep_upgrade else frozenset()
+    headers = [
+        (k, v)
+        for k, v in strip_hop_by_hop(resp.headers, keep=keep)
+        if k.lower() not in FRAMING_FIELDS
+    ]
+    headers.append((b"Via", via_value(resp.version, pseudonym)))
+    headers.append((b"Proxy-Status", proxy_status))
+    return headers

@@ -1,0 +1,158 @@
+"""Run-time state built from the ``Config``: shared services and per-listener state.
+
+``Services`` holds what one process shares across listeners (resolver, connector,
+upstream pool, the recent-request ring for the status page). ``ListenerState`` is rebuilt
+from a listener's config on start and on every reload; connections look it up per request,
+so a reload applies to the next request without dropping any connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kushi.accesslog import AccessLog, AccessRecord
+from kushi.acl import AllowList
+from kushi.config import Config, Listener, parse_hostport
+from kushi.connector import Connector, EgressPolicy
+from kushi.errors import DestinationUnavailable
+from kushi.pool import UpstreamPool
+from kushi.resolver import IPAddress, Resolver, ip_literal
+
+log = logging.getLogger("kushi")
+
+
+def egress_policy(cfg: Listener, config: Config) -> EgressPolicy:
+    return EgressPolicy(
+        mode=cfg.egress,
+        nat64=cfg.nat64,
+        nat64_prefixes=cfg.nat64_prefixes,
+        attempt_delay=config.timeouts.happy_eyeballs_delay,
+        connect_timeout=config.timeouts.connect,
+    )
+
+
+@dataclass(slots=True)
+class Backend:
+    host: str
+    port: int
+    down_until: float = 0.0
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class BackendSet:
+    """Round-robin over healthy backends; one that refuses is skipped for ``retry`` seconds."""
+
+    def __init__(self, specs: tuple[str, ...], mode: str, retry: float) -> None:
+        self.backends: list[Backend] = []
+        for spec in specs:
+            if mode == "reverse":
+                rest = spec.partition("://")[2].rstrip("/")
+                addr = parse_hostport(rest, "backend", default_port=80)
+            else:
+                addr = parse_hostport(spec, "backend")
+            self.backends.append(Backend(addr.host, addr.port))
+        self.retry = retry
+        self._next = 0
+
+    def candidates(self) -> list[Backend]:
+        """Healthy backends in round-robin order (all of them if every one is down)."""
+        now = time.monotonic()
+        n = len(self.backends)
+        if not n:
+            raise DestinationUnavailable("no backend configured")
+        start = self._next % n
+        self._next += 1
+        order = self.backends[start:] + self.backends[:start]
+        healthy = [b for b in order if b.down_until <= now]
+        return healthy or order
+
+    def mark_down(self, backend: Backend) -> None:
+        backend.down_until = time.monotonic() + self.retry
+        log.warning("backend %s marked down for %g s", backend, self.retry)
+
+    def mark_up(self, backend: Backend) -> None:
+        backend.down_until = 0.0
+
+
+class ListenerState:
+    def __init__(self, cfg: Listener, config: Config, previous: ListenerState | None = None):
+        self.cfg = cfg
+        self.allow = AllowList(cfg.allow)
+        if previous is not None:
+            for name, addrs in previous.allow.resolved.items():
+                if name in self.allow.resolved:
+                    self.allow.resolved[name] = addrs
+        self.policy = egress_policy(cfg, config)
+        self.access_log = AccessLog(cfg.access_log, cfg.access_log_format)
+        self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
+        self.trusted = cfg.trusted_proxies
+        self.proxy_protocol_from = cfg.proxy_protocol_from
+
+    def close(self) -> None:
+        self.access_log.close()
+
+
+RecordHook = Callable[[AccessRecord], None]
+
+
+@dataclass(eq=False)
+class Services:
+    config: Config
+    resolver: Resolver
+    connector: Connector
+    pool: UpstreamPool
+    pseudonym: str = field(default_factory=lambda: "kushi-" + secrets.token_hex(3))
+    own_addresses: set[tuple[IPAddress, int]] = field(default_factory=set)
+    recent: collections.deque[AccessRecord] = field(
+        default_factory=lambda: collections.deque(maxlen=200)
+    )
+    hooks: list[RecordHook] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(cls, config: Config, pseudonym: str | None = None) -> Services:
+        resolver = Resolver(ttl=config.dns_cache_ttl, timeout=config.timeouts.dns)
+        services = cls(
+            config=config,
+            resolver=resolver,
+            connector=Connector(resolver),
+            pool=UpstreamPool(config.limits.upstream_pool_size, idle_timeout=30.0),
+        )
+        if pseudonym:
+            services.pseudonym = pseudonym
+        services.connector.check = services.check_destination
+        return services
+
+    def check_destination(self, addr: IPAddress, port: int) -> str | None:
+        """Refuse connecting to one of kushi's own listening sockets (a forwarding loop)."""
+        for own, own_port in self.own_addresses:
+            if own_port == port and (own == addr or own.is_unspecified):
+                if own.is_unspecified and not (addr.is_loopback or addr == own):
+                    continue
+                return "that is kushi's own listening address"
+        return None
+
+    def add_own(self, host: str, port: int) -> None:
+        addr = ip_literal(host)
+        if addr is not None:
+            self.own_addresses.add((addr, port))
+            if addr.is_unspecified:
+                other = ipaddress.ip_address("::" if addr.version == 4 else "0.0.0.0")
+                self.own_addresses.add((other, port))
+
+    def record(self, listener: ListenerState, record: AccessRecord) -> None:
+        listener.access_log.write(record)
+        self.recent.append(record)
+        for hook in self.hooks:
+            try:
+                hook(record)
+            except Exception:  # pragma: no cover - a broken hook must not break traffic
+                log.exception("record hook failed")

@@ -1,0 +1,470 @@
+"""Listeners, connections, signals, reload, workers and graceful shutdown.
+
+One ``Server`` per process serves every configured listener. Sockets are bound once (in
+the parent when ``workers > 1``, then inherited by each worker process), so all modes
+share one accept path: connection limits, the PROXY protocol header, the allow list, then
+the mode's handler (``proxy.HttpSession`` for forward and reverse, ``tcpmode.serve_tcp``).
+
+Signals: SIGTERM/SIGINT stop accepting, let open requests and tunnels finish for up to
+``timeouts.shutdown_grace`` seconds, then cancel what is left and exit 0. SIGHUP re-reads
+the config file; a bad file is reported and the running config kept. Listen addresses
+cannot change on reload (that needs a restart); everything else applies to the next
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from kushi import http1
+from kushi.accesslog import AccessRecord, describe_path
+from kushi.acl import client_address, in_networks
+from kushi.config import Address, Config, Listener, load_config
+from kushi.errors import (
+    ConfigError,
+    KushiError,
+    ProxyProtocolError,
+    RequestDenied,
+    TooManyConnections,
+)
+from kushi.netio import Conn
+from kushi.proxy import PROXY_NAME, HttpSession
+from kushi.proxyproto import parse as parse_proxy_header
+from kushi.routing import ClientInfo
+from kushi.runtime import ListenerState, Services
+from kushi.tcpmode import serve_tcp
+
+log = logging.getLogger("kushi")
+
+
+class StartupError(Exception):
+    """A listener could not be started: one clear line, exit code 1."""
+
+
+def bind(addr: Address, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(
+            addr.host, addr.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        infos = socket.getaddrinfo(
+            addr.host, addr.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    fam, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            # [::] means IPv6 only; list 0.0.0.0 too for IPv4, as the defaults do.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"cannot listen on {addr}: address already in use") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"cannot listen on {addr}: no such local address") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"cannot listen on {addr}: permission denied") from None
+        raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
+    return sock
+
+
+def bind_all(config: Config) -> dict[str, list[socket.socket]]:
+    bound: dict[str, list[socket.socket]] = {}
+    try:
+        for listener in config.listeners:
+            bound[listener.name] = [bind(addr) for addr in listener.listen]
+    except StartupError:
+        for socks in bound.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return bound
+
+
+def describe_listener(cfg: Listener, socks: list[socket.socket]) -> str:
+    addrs = ", ".join(_sockname(s) for s in socks)
+    parts = [f"{cfg.mode} listener {cfg.name!r} on {addrs}", f"egress {cfg.egress}"]
+    allow = ", ".join(cfg.allow) or "nobody"
+    parts.append(f"allow {allow}" + (" (open)" if cfg.open else ""))
+    if cfg.mode == "forward":
+        parts.append("CONNECT ports " + ",".join(str(p) for p in sorted(cfg.connect_ports)))
+    else:
+        parts.append("backend " + ", ".join(cfg.backend))
+    if cfg.proxy_protocol:
+        parts.append("accepts PROXY protocol from " + ", ".join(map(str, cfg.proxy_protocol_from)))
+    if cfg.backend_proxy_protocol:
+        parts.append(f"sends PROXY protocol v{cfg.backend_proxy_protocol}")
+    parts.append(f"access log {describe_path(cfg.access_log)} ({cfg.access_log_format})")
+    return "; ".join(parts)
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    def __init__(
+        self,
+        config: Config,
+        sockets: dict[str, list[socket.socket]],
+        pseudonym: str | None = None,
+    ) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.services = Services.build(config, pseudonym)
+        self.states: dict[str, ListenerState] = {
+            cfg.name: ListenerState(cfg, config) for cfg in config.listeners
+        }
+        for socks in sockets.values():
+            for sock in socks:
+                host, port = sock.getsockname()[:2]
+                self.services.add_own(host, port)
+        self.servers: list[asyncio.Server] = []
+        self.connections: set[asyncio.Task[None]] = set()
+        self.per_client: Counter[str] = Counter()
+        self.background: list[asyncio.Task[None]] = []
+        self.stopping = asyncio.Event()
+        self.reloads = 0
+        self.on_reload: list[Callable[[Config], None]] = []
+
+    async def start(self) -> None:
+        for cfg in self.config.listeners:
+            for sock in self.sockets[cfg.name]:
+                server = await asyncio.start_server(
+                    self._handler(cfg.name), sock=sock, limit=2**20, backlog=1024
+                )
+                self.servers.append(server)
+        self.background.append(asyncio.ensure_future(self._housekeeping()))
+
+    def _handler(
+        self, name: str
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.connections.add(task)
+            try:
+                await self.serve_connection(name, Conn.from_streams(reader, writer))
+            finally:
+                self.connections.discard(task)
+
+        return handle
+
+    async def serve_connection(self, name: str, client: Conn) -> None:
+        state = self.states[name]
+        info = ClientInfo(
+            address=_plain(client.peer[0]),
+            port=client.peer[1],
+            local_address=_plain(client.local[0]),
+            local_port=client.local[1],
+        )
+        try:
+            if state.cfg.proxy_protocol:
+                info = await self._read_proxy_header(state, client, info)
+            limit_error = self._over_limit(info.address)
+            self.per_client[info.address] += 1
+            try:
+                if limit_error is not None:
+                    await self._refuse(state, client, info, limit_error)
+                    return
+                peer = client_address(info.address)
+                info = replace(info, trusted=peer is not None and in_networks(peer, state.trusted))
+                if state.cfg.mode == "tcp":
+                    if not state.allow.allows(peer):
+                        await self._refuse(
+                            state,
+                            client,
+                            info,
+                            RequestDenied(
+                                f"client {info.address} is not in this listener's allow list"
+                            ),
+                        )
+                        return
+                    await serve_tcp(self.services, state, client, info, name)
+                else:
+                    session = HttpSession(
+                        self.services, name, lambda: self.states[name], client, info
+                    )
+                    await session.run()
+            finally:
+                self.per_client[info.address] -= 1
+                if self.per_client[info.address] <= 0:
+                    del self.per_client[info.address]
+        except ProxyProtocolError as exc:
+            log.warning(
+                "listener %s: closing connection from %s: %s", name, info.address, exc.details
+            )
+            self.services.record(
+                state,
+                AccessRecord(
+                    time=time.time(),
+                    listener=name,
+                    mode=state.cfg.mode,
+                    client=info.address,
+                    method="PROXY",
+                    status=400,
+                    error="proxy_protocol_error",
+                    details=exc.details,
+                ),
+            )
+            client.abort()
+        except asyncio.CancelledError:
+            client.abort()
+            raise
+        except Exception:
+            log.exception("listener %s: connection from %s failed", name, info.address)
+            client.abort()
+        finally:
+            await client.wait_closed()
+
+    async def _read_proxy_header(
+        self, state: ListenerState, client: Conn, info: ClientInfo
+    ) -> ClientInfo:
+        peer = client_address(info.address)
+        if peer is None or not in_networks(peer, state.proxy_protocol_from):
+            raise ProxyProtocolError(f"PROXY header from untrusted address {info.address}")
+        async with asyncio.timeout(self.config.timeouts.header_read):
+            while True:
+                parsed = parse_proxy_header(bytes(client.buf))
+                if parsed is not None:
+                    header, used = parsed
+                    del client.buf[:used]
+                    break
+                if not await client.fill(536):
+                    raise ProxyProtocolError("connection closed inside the PROXY header")
+        if header.command == "LOCAL" or header.src is None:
+            return info
+        return replace(
+            info,
+            address=_plain(header.src),
+            port=header.src_port or 0,
+            local_address=_plain(header.dst or info.local_address),
+            local_port=header.dst_port or info.local_port,
+        )
+
+    def _over_limit(self, address: str) -> KushiError | None:
+        limits = self.config.limits
+        if len(self.connections) > limits.max_connections:
+            return TooManyConnections(
+                f"kushi is at its limit of {limits.max_connections} connections"
+            )
+        if self.per_client[address] >= limits.max_connections_per_client:
+            return TooManyConnections(
+                f"client {address} has {limits.max_connections_per_client} connections open already"
+            )
+        return None
+
+    async def _refuse(
+        self, state: ListenerState, client: Conn, info: ClientInfo, exc: KushiError
+    ) -> None:
+        record = AccessRecord(
+            time=time.time(),
+            listener=state.cfg.name,
+            mode=state.cfg.mode,
+            client=info.address,
+            status=exc.status,
+            error=exc.error_type,
+            details=exc.details,
+        )
+        if state.cfg.mode != "tcp":
+            data = http1.render_error(exc, proxy_name=PROXY_NAME, close=True)
+            with contextlib.suppress(ConnectionError, OSError):
+                client.write(data)
+                await client.drain()
+            record.bytes_out = len(data)
+        self.services.record(state, record)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            for state in list(self.states.values()):
+                if state.allow.names:
+                    await state.allow.refresh(self.services.resolver)
+            self.services.pool.sweep()
+            await asyncio.sleep(30.0 if any(s.allow.names for s in self.states.values()) else 10.0)
+
+    # --- reload and shutdown -------------------------------------------------------------
+
+    def reload(self, path: str | None, overrides: dict[str, object]) -> bool:
+        try:
+            new = load_config(path, overrides)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
+        old_listen = {c.name: c.listen for c in self.config.listeners}
+        new_listen = {c.name: c.listen for c in new.listeners}
+        if old_listen != new_listen:
+            log.warning("reload: listener addresses changed; restart kushi to apply that part")
+        for cfg in new.listeners:
+            if cfg.name in self.states and cfg.listen == self.states[cfg.name].cfg.listen:
+                old = self.states[cfg.name]
+                self.states[cfg.name] = ListenerState(cfg, new, previous=old)
+                old.close()
+        self.config = replace(new, listeners=tuple(self.states[n].cfg for n in self.states))
+        self.services.config = self.config
+        self.reloads += 1
+        for hook in self.on_reload:
+            hook(self.config)
+        log.info("config reloaded from %s", path or "flags")
+        return True
+
+    async def shutdown(self) -> None:
+        for server in self.servers:
+            server.close()
+        grace = self.config.timeouts.shutdown_grace
+        if self.connections:
+            log.info(
+                "shutting down: waiting up to %g s for %d connections", grace, len(self.connections)
+            )
+            # Idle keep-alive connections end at once; requests in flight finish.
+            await asyncio.wait(set(self.connections), timeout=grace)
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(set(self.connections), timeout=2)
+        for task in self.background:
+            task.cancel()
+        self.services.pool.close()
+        for state in self.states.values():
+            state.close()
+
+
+def _plain(host: str) -> str:
+    """``::ffff:a.b.c.d`` is the IPv4 client it is; scope ids are dropped."""
+    addr = client_address(host)
+    return str(addr) if addr is not None else host
+
+
+def install_event_loop() -> str:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return "asyncio"
+    uvloop.install()
+    return "uvloop"
+
+
+async def run_server(
+    config: Config,
+    sockets: dict[str, list[socket.socket]],
+    overrides: dict[str, object],
+    pseudonym: str | None = None,
+    extra_start: Callable[[Server], object] | None = None,
+) -> int:
+    server = Server(config, sockets, pseudonym)
+    await server.start()
+    if extra_start is not None:
+        result = extra_start(server)
+        if asyncio.iscoroutine(result):
+            await result
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.reload(config.source, overrides))
+    await stop.wait()
+    log.info("stopping: no new connections")
+    await server.shutdown()
+    return 0
+
+
+def serve(
+    config: Config,
+    overrides: dict[str, object],
+    extra_start: Callable[[Server], object] | None = None,
+) -> int:
+    """Bind, start workers (or serve in this process) and block until stopped."""
+    sockets = bind_all(config)
+    loop_name = install_event_loop()
+    pseudonym = Services.build(config).pseudonym
+    for cfg in config.listeners:
+        log.info("%s", describe_listener(cfg, sockets[cfg.name]))
+    log.info("kushi ready: %d worker(s), %s event loop", config.workers, loop_name)
+    if config.workers <= 1:
+        return asyncio.run(run_server(config, sockets, overrides, pseudonym, extra_start))
+    return _supervise(config, sockets, overrides, pseudonym, extra_start)
+
+
+def _supervise(
+    config: Config,
+    sockets: dict[str, list[socket.socket]],
+    overrides: dict[str, object],
+    pseudonym: str,
+    extra_start: Callable[[Server], object] | None,
+) -> int:
+    """Fork ``workers`` processes that share the listening sockets; relay signals to them."""
+    children: dict[int, int] = {}
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                install_event_loop()
+                code = asyncio.run(
+                    run_server(
+                        config, sockets, overrides, pseudonym, extra_start if index == 0 else None
+                    )
+                )
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    for i in range(config.workers):
+        spawn(i)
+    stopping = False
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover
+            continue
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        if not stopping and index is not None:
+            log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+            time.sleep(0.5)
+            spawn(index)
+        elif os.waitstatus_to_exitcode(code) != 0:
+            status = 1
+    return status
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s kushi[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )

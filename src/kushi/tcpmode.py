@@ -1,0 +1,75 @@
+"""TCP mode: a plain byte relay from each accepted connection to a backend.
+
+The job 6tunnel does: HTTPS passthrough, SSH or anything else. The backend is reached
+through the same connector (egress policy, attempts) as every other mode, optionally
+preceded by a PROXY protocol header carrying the client's real address, and each
+connection ends with one access record (client, backend and family, bytes each way,
+duration).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kushi.accesslog import AccessRecord
+from kushi.errors import ConnectionRefused, ConnectionTimeout, DestinationUnroutable, KushiError
+from kushi.netio import Conn
+from kushi.proxyproto import build as build_proxy_header
+from kushi.routing import ClientInfo
+from kushi.runtime import ListenerState, Services
+from kushi.tunnel import relay
+
+log = logging.getLogger("kushi.tcp")
+
+
+async def serve_tcp(
+    services: Services, state: ListenerState, client: Conn, info: ClientInfo, listener: str
+) -> None:
+    started = time.time()
+    record = AccessRecord(
+        time=started, listener=listener, mode="tcp", client=info.address, method="TCP"
+    )
+    try:
+        upstream = None
+        last: KushiError | None = None
+        for backend in state.backends.candidates():
+            record.target = str(backend)
+            try:
+                upstream = await services.connector.connect(
+                    backend.host, backend.port, state.policy
+                )
+            except (ConnectionRefused, ConnectionTimeout, DestinationUnroutable) as exc:
+                state.backends.mark_down(backend)
+                last = exc
+                continue
+            state.backends.mark_up(backend)
+            break
+        if upstream is None:
+            assert last is not None
+            raise last
+        record.upstream = upstream.next_hop
+        record.family = upstream.family
+        record.attempts = [a.describe() for a in upstream.fallbacks]
+        if state.cfg.backend_proxy_protocol:
+            upstream.conn.write(
+                build_proxy_header(
+                    state.cfg.backend_proxy_protocol,
+                    info.address,
+                    info.port,
+                    info.local_address,
+                    info.local_port,
+                )
+            )
+        record.status = 200
+        up, down = await relay(client, upstream.conn, services.config.timeouts.tunnel_idle)
+        record.bytes_in, record.bytes_out = up, down
+        upstream.conn.close()
+    except KushiError as exc:
+        record.status = exc.status
+        record.error = exc.error_type
+        record.details = exc.details
+        client.abort()
+    finally:
+        record.duration = time.time() - started
+        services.record(state, record)
