@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from kushi.config import IPNetwork, parse_network
+from kushi.config import IPNetwork, parse_destination_rule, parse_network
 from kushi.errors import KushiError
 from kushi.resolver import IPAddress, Resolver, ip_literal
 
@@ -64,4 +64,57 @@ class AllowList:
         return ", ".join([str(n) for n in self.networks] + self.names) or "(nobody)"
 
 
-__all__ = ["AllowList", "client_address", "in_networks"]
+# RFC 6890 special-purpose ranges a forward proxy must not reach on a stranger's behalf.
+DEFAULT_DENY: tuple[tuple[str, str], ...] = (
+    ("127.0.0.0/8", "a loopback address"),
+    ("::1/128", "a loopback address"),
+    ("169.254.169.254/32", "the cloud metadata address"),
+    ("fd00:ec2::254/128", "the cloud metadata address"),
+    ("169.254.0.0/16", "a link-local address"),
+    ("fe80::/10", "a link-local address"),
+    ("0.0.0.0/8", "an unspecified address"),
+    ("::/128", "an unspecified address"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("ff00::/8", "a multicast address"),
+    ("240.0.0.0/4", "a reserved address"),
+)
+PRIVATE_RANGES: tuple[str, ...] = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+)
+
+
+class DestinationPolicy:
+    """Where a forward listener may connect, checked on every resolved address.
+
+    Order: ``allow_destinations`` (exceptions), then ``deny_destinations``, then the
+    built-in refusals (loopback, link-local and cloud metadata, unspecified, multicast),
+    then the private ranges when ``private_destinations = "deny"``."""
+
+    def __init__(self, allow: Iterable[str], deny: Iterable[str], private: str = "allow") -> None:
+        self.allow = [parse_destination_rule("allow_destinations", e) for e in allow]
+        self.deny = [parse_destination_rule("deny_destinations", e) for e in deny]
+        self.builtin = [(parse_network("builtin", n), why) for n, why in DEFAULT_DENY]
+        self.private = (
+            [parse_network("builtin", n) for n in PRIVATE_RANGES] if private == "deny" else []
+        )
+
+    def __call__(self, addr: IPAddress, port: int) -> str | None:
+        for net, ports in self.allow:
+            if addr.version == net.version and addr in net and (not ports or port in ports):
+                return None
+        for net, ports in self.deny:
+            if addr.version == net.version and addr in net and (not ports or port in ports):
+                return f"denied by deny_destinations ({net})"
+        for net, why in self.builtin:
+            if addr.version == net.version and addr in net:
+                return f"{why} (allow it with allow_destinations)"
+        if in_networks(addr, self.private):
+            return "a private address (private_destinations = deny)"
+        return None
+
+
+__all__ = ["AllowList", "DestinationPolicy", "client_address", "in_networks"]

@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="ports CONNECT may reach, e.g. 443,8443 [default: 443]",
     )
     serve.add_argument(
+        "--allow-destination",
+        dest="allow_destinations",
+        action="append",
+        metavar="CIDR[ PORTS]",
+        help="destinations allowed despite the built-in refusals (loopback, link-local, "
+        "metadata, multicast), e.g. '::1/128' or '10.0.0.0/8 80,443' (repeatable)",
+    )
+    serve.add_argument(
+        "--deny-destination",
+        dest="deny_destinations",
+        action="append",
+        metavar="CIDR[ PORTS]",
+        help="destinations refused with destination_ip_prohibited (repeatable)",
+    )
+    serve.add_argument(
         "--open",
         action="store_true",
         default=None,

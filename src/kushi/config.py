@@ -130,6 +130,9 @@ class Listener:
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
     backend_proxy_protocol: int = 0
     backend_retry: float = 10.0
+    allow_destinations: tuple[str, ...] = ()
+    deny_destinations: tuple[str, ...] = ()
+    private_destinations: Literal["allow", "deny"] = "allow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +212,14 @@ def unmap_network(net: IPNetwork) -> IPNetwork:
         if mapped is not None:
             return ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
     return net
+
+
+def parse_destination_rule(key: str, text: str) -> tuple[IPNetwork, frozenset[int]]:
+    """``CIDR`` or ``CIDR PORT[,PORT...]``: a network and the ports it covers (empty: all)."""
+    net_text, _, ports_text = text.strip().partition(" ")
+    net = parse_network(key, net_text)
+    ports = _ports(key, ports_text.strip()) if ports_text.strip() else frozenset()
+    return net, ports
 
 
 def _allow_entries(key: str, value: Any) -> tuple[str, ...]:
@@ -300,6 +311,13 @@ def _listener_value(key: str, value: Any) -> Any:
         return value
     if key == "backend_retry":
         return float(_number(key, value))
+    if key in ("allow_destinations", "deny_destinations"):
+        entries = _str_list(key, value)
+        for entry in entries:
+            parse_destination_rule(key, entry)
+        return entries
+    if key == "private_destinations":
+        return _choice(key, value, ("allow", "deny"))
     raise ConfigError(key, "unknown key")  # pragma: no cover - callers check the key set
 
 

@@ -160,14 +160,23 @@ class Connector:
         self.check = check
         self.clock = clock
 
-    async def connect(self, host: str, port: int, policy: EgressPolicy) -> Upstream:
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        policy: EgressPolicy,
+        check: DestinationCheck | None = None,
+    ) -> Upstream:
+        """Resolve, order by ``policy``, drop what ``check`` (and the connector's own check)
+        refuses, and race the rest."""
         addrs = await self.resolver.resolve(host)
         candidates = order_addresses(host, addrs, policy)
-        if self.check is not None:
+        checks = [c for c in (self.check, check) if c is not None]
+        if checks:
             refused = []
             allowed = []
             for addr, fam in candidates:
-                reason = self.check(addr, port)
+                reason = next((r for c in checks if (r := c(addr, port))), None)
                 if reason:
                     refused.append(f"{addr}: {reason}")
                 else:

@@ -296,7 +296,9 @@ class HttpSession:
         upstream = self.services.pool.get(route.pool_key)
         if upstream is not None:
             return upstream, True
-        upstream = await self.services.connector.connect(route.host, route.port, state.policy)
+        upstream = await self.services.connector.connect(
+            route.host, route.port, state.policy, state.destinations
+        )
         if state.cfg.mode != "forward" and state.cfg.backend_proxy_protocol:
             upstream.conn.write(
                 build_proxy_header(
@@ -570,7 +572,9 @@ class HttpSession:
             raise RequestDenied(
                 f"CONNECT to port {target.port} is not allowed (allowed: {allowed})"
             )
-        upstream = await self.services.connector.connect(target.host, target.port, state.policy)
+        upstream = await self.services.connector.connect(
+            target.host, target.port, state.policy, state.destinations
+        )
         record.upstream = upstream.next_hop
         record.family = upstream.family
         record.attempts = [a.describe() for a in upstream.fallbacks]

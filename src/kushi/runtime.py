@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kushi.accesslog import AccessLog, AccessRecord
-from kushi.acl import AllowList
+from kushi.acl import AllowList, DestinationPolicy
 from kushi.config import Config, Listener, parse_hostport
 from kushi.connector import Connector, EgressPolicy
 from kushi.errors import DestinationUnavailable
@@ -95,6 +95,15 @@ class ListenerState:
         self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
         self.trusted = cfg.trusted_proxies
         self.proxy_protocol_from = cfg.proxy_protocol_from
+        # Only a forward listener connects where its clients say; reverse and TCP
+        # backends are the owner's own choice.
+        self.destinations: DestinationPolicy | None = (
+            DestinationPolicy(
+                cfg.allow_destinations, cfg.deny_destinations, cfg.private_destinations
+            )
+            if cfg.mode == "forward"
+            else None
+        )
 
     def close(self) -> None:
         self.access_log.close()

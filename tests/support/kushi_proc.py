@@ -51,8 +51,16 @@ def write_toml(path: Path, top: dict[str, Any], listeners: Sequence[dict[str, An
     path.write_text("\n".join(lines) + "\n")
 
 
+#: Test origins listen on loopback, which a forward listener refuses by default
+#: (destination policy); tests that start ``kushi serve`` allow it explicitly.
+LOOPBACK_DESTINATIONS = ["--allow-destination", "127.0.0.0/8", "--allow-destination", "::1/128"]
+
+
 class Kushi:
-    """A kushi subprocess. ``argv`` is the command line after ``kushi``."""
+    """A kushi subprocess. ``argv`` is the command line after ``kushi``.
+
+    For ``serve`` (or bare flags), ``loopback_destinations`` adds ``--allow-destination``
+    for 127.0.0.0/8 and ::1/128 so the proxy may reach test origins on loopback."""
 
     def __init__(
         self,
@@ -61,7 +69,11 @@ class Kushi:
         wait_for: Sequence[tuple[str, int]] = (),
         netns: str | None = None,
         env: dict[str, str] | None = None,
+        loopback_destinations: bool = True,
     ) -> None:
+        argv = list(argv)
+        if loopback_destinations and (not argv or argv[0] == "serve" or argv[0].startswith("-")):
+            argv = [*argv, *LOOPBACK_DESTINATIONS]
         self.workdir = workdir
         self.stdout_path = workdir / f"kushi-{os.getpid()}-{id(self)}.out"
         self.stderr_path = workdir / f"kushi-{os.getpid()}-{id(self)}.err"
