@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="destinations refused with destination_ip_prohibited (repeatable)",
     )
     serve.add_argument(
+        "--auth-file",
+        metavar="HTPASSWD",
+        help="require Proxy-Authorization: Basic checked against this htpasswd file "
+        "(bcrypt entries only: htpasswd -B)",
+    )
+    serve.add_argument(
         "--open",
         action="store_true",
         default=None,

@@ -133,6 +133,8 @@ class Listener:
     allow_destinations: tuple[str, ...] = ()
     deny_destinations: tuple[str, ...] = ()
     private_destinations: Literal["allow", "deny"] = "allow"
+    auth_file: str | None = None
+    auth_combine: Literal["both", "either"] = "both"
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +320,10 @@ def _listener_value(key: str, value: Any) -> Any:
         return entries
     if key == "private_destinations":
         return _choice(key, value, ("allow", "deny"))
+    if key == "auth_file":
+        return _str(key, value) or None
+    if key == "auth_combine":
+        return _choice(key, value, ("both", "either"))
     raise ConfigError(key, "unknown key")  # pragma: no cover - callers check the key set
 
 
@@ -351,12 +357,17 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
     _check_backends(name, mode, listener.backend)
     if listener.mode == "forward" and not listener.open:
         public = [a for a in listener.listen if not _is_loopback(a.host)]
-        if public and any(entry in EVERYONE for entry in listener.allow):
+        guarded = listener.auth_file is not None and listener.auth_combine == "both"
+        if public and any(entry in EVERYONE for entry in listener.allow) and not guarded:
             raise ConfigError(
                 f"listener {name}: allow",
                 f"admits every address on {public[0]}: that is an open proxy; "
                 "narrow allow or pass --open (open = true)",
             )
+    if listener.auth_file is not None:
+        from kushi.auth import Htpasswd
+
+        Htpasswd.load(listener.auth_file, f"listener {name}: auth_file")
     if listener.proxy_protocol and not listener.proxy_protocol_from:
         raise ConfigError(
             f"listener {name}: proxy_protocol_from",

@@ -28,6 +28,7 @@ from kushi.errors import (
     KushiError,
     LoopDetected,
     NotProxied,
+    ProxyAuthRequired,
     RequestDenied,
     RequestError,
     RequestTimeout,
@@ -207,12 +208,16 @@ class HttpSession:
         if req is not None and req.framing.kind != "none" and not self._body_done:
             close = True
         next_hop = self.upstream.next_hop if self.upstream else None
+        extra = []
+        if isinstance(exc, ProxyAuthRequired):
+            extra.append((b"Proxy-Authenticate", b'Basic realm="kushi", charset="UTF-8"'))
         data = http1.render_error(
             exc,
             proxy_name=PROXY_NAME,
             close=close,
             next_hop=next_hop,
             head_only=req is not None and req.method == b"HEAD",
+            extra_headers=extra,
         )
         try:
             self.client.write(data)
@@ -228,8 +233,7 @@ class HttpSession:
 
     async def handle(self, req: RequestHead, state: ListenerState, record: AccessRecord) -> bool:
         self._body_done = req.framing.kind == "none"
-        if not state.allow.allows(client_address(self.info.address)):
-            raise RequestDenied(f"client {self.info.address} is not in this listener's allow list")
+        self.authorize(req, state, record)
         target = http1.parse_target(req.method, req.target)
         if seen_via(req.headers, self.services.pseudonym):
             raise LoopDetected("this request has already passed through this kushi (Via)")
@@ -258,6 +262,24 @@ class HttpSession:
                 "this is a reverse proxy: absolute-form and CONNECT requests are refused"
             )
         return await self.forward_reverse(req, target, state, record)
+
+    def authorize(self, req: RequestHead, state: ListenerState, record: AccessRecord) -> None:
+        """The allow list and proxy authentication, combined as ``auth_combine`` says."""
+        allowed = state.allow.allows(client_address(self.info.address))
+        if state.auth is None or state.cfg.mode != "forward":
+            if not allowed:
+                raise RequestDenied(
+                    f"client {self.info.address} is not in this listener's allow list"
+                )
+            return
+        if not allowed and state.cfg.auth_combine == "both":
+            raise RequestDenied(f"client {self.info.address} is not in this listener's allow list")
+        if allowed and state.cfg.auth_combine == "either":
+            return
+        user = state.auth.check(req.get(b"proxy-authorization"))
+        if user is None:
+            raise ProxyAuthRequired("proxy authentication required (Basic)")
+        record.user = user
 
     async def forward_reverse(
         self, req: RequestHead, target: Target, state: ListenerState, record: AccessRecord

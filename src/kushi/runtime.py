@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy
+from kushi.auth import Htpasswd
 from kushi.config import Config, Listener, parse_hostport
 from kushi.connector import Connector, EgressPolicy
 from kushi.errors import DestinationUnavailable
@@ -95,6 +96,7 @@ class ListenerState:
         self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
         self.trusted = cfg.trusted_proxies
         self.proxy_protocol_from = cfg.proxy_protocol_from
+        self.auth = Htpasswd.load(cfg.auth_file) if cfg.auth_file else None
         # Only a forward listener connects where its clients say; reverse and TCP
         # backends are the owner's own choice.
         self.destinations: DestinationPolicy | None = (
