@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from kushi import __version__
-from kushi.config import Config, load_config
+from kushi.config import GLOBAL_KEYS, LISTENER_KEYS, Config, load_config
 from kushi.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -150,26 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """Flags as config-file keys; unset flags are left out so the file's values stand."""
-    keys = (
-        "listen",
-        "egress",
-        "allow",
-        "access_log",
-        "access_log_format",
-        "log_level",
-        "workers",
-        "nat64",
-        "connect_ports",
-        "open",
-        "backend",
-        "backend_proxy_protocol",
-        "admin_listen",
-    )
-    out: dict[str, Any] = {}
-    for key in keys:
-        value = getattr(args, key, None)
-        if value is not None:
-            out[key] = value
+    known = LISTENER_KEYS | GLOBAL_KEYS
+    out: dict[str, Any] = {
+        key: value for key, value in vars(args).items() if key in known and value is not None
+    }
     if args.command in ("reverse", "tcp"):
         out["mode"] = args.command
     return out

@@ -523,8 +523,17 @@ class HttpSession:
         elif not client_11:
             headers.append((b"Connection", b"keep-alive"))
         head = http1.serialize_response_head(resp.status, resp.reason, headers)
-        self.client.write(head)
         record.bytes_out += len(head)
+        if out_framing == "length" and len(upstream.conn.buf) >= resp.framing.length:
+            # The whole body is already here (small responses): one write, one segment.
+            n = resp.framing.length
+            body = bytes(upstream.conn.buf[:n])
+            del upstream.conn.buf[:n]
+            self.client.write(head + body)
+            record.bytes_out += n
+            framing = "none"
+        else:
+            self.client.write(head)
 
         reader = http1.body_reader(resp.framing, UpstreamError)
         if framing != "none":
