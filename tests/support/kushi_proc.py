@@ -81,13 +81,8 @@ class Kushi:
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=open(self.stdout_path, "wb"),  # noqa: SIM115
-            stderr=open(self.stderr_path, "wb"),  # noqa: SIM115
-            cwd=workdir,
-            env=full_env,
-        )
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=workdir, env=full_env)
         self.netns = netns
         for host, port in wait_for:
             self.wait_port(host, port)
