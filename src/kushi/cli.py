@@ -145,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate FILE: exit 0 if good, 2 with the problem")
     check.add_argument("file")
     config_sub.add_parser("example", help="print the commented example config")
+
+    whoami = sub.add_parser(
+        "whoami",
+        help="test server: answers with the client's address, family and request headers",
+        description="A dual-stack test server that shows each client how it arrived "
+        "(text for curl, HTML for browsers, JSON on Accept: application/json).",
+    )
+    whoami.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="address to listen on (repeatable) [default: [::]:8080 and 0.0.0.0:8080]",
+    )
+    from kushi.check import add_arguments as add_check_arguments
+
+    add_check_arguments(
+        sub.add_parser(
+            "check",
+            help="IPv6 readiness report for URLs: DNS, connect, TLS, HTTP, redirects, page",
+            description="Check whether URLs work over IPv6 (and IPv4 for comparison). "
+            "Exit 0 when everything works over IPv6, 1 when something fails, 2 for bad "
+            "arguments. See `pydoc kushi.check` for the --json schema.",
+        )
+    )
     return parser
 
 
@@ -167,6 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "config":
         return config_command(args)
+    if args.command == "whoami":
+        from kushi.whoami import run as run_whoami
+
+        return run_whoami(args.listen)
+    if args.command == "check":
+        from kushi.check import command as run_check
+
+        return run_check(args)
     overrides = overrides_from(args)
     try:
         config = load_config(args.config, overrides)
@@ -177,11 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: Config, overrides: dict[str, Any]) -> int:
+    from kushi import admin
     from kushi.server import StartupError, configure_logging, serve
 
     configure_logging(config.log_level)
     try:
-        return serve(config, overrides)
+        # The admin sockets are bound first, so a port in use is a start-up error (exit 1).
+        plan = admin.prepare(config)
+        try:
+            return serve(config, overrides, **plan.serve_hooks())
+        finally:
+            plan.close()
     except StartupError as exc:
         logging.getLogger("kushi").error("%s", exc)
         print(f"kushi: {exc}", file=sys.stderr)

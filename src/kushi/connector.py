@@ -262,13 +262,15 @@ class Connector:
     def _fail(host: str, port: int, attempts: list[Attempt], policy: EgressPolicy) -> Upstream:
         summary = "; ".join(a.describe() for a in attempts) or "no attempt"
         text = f"could not connect to {host} port {port}: {summary}"
+        exc: KushiError
         if any(a.outcome == "timeout" for a in attempts):
-            raise ConnectionTimeout(text)
-        if all(a.outcome == "unreachable" for a in attempts):
-            raise DestinationUnroutable(text)
-        if any(a.outcome == "refused" for a in attempts):
-            raise ConnectionRefused(text)
-        raise ConnectionRefused(text)
+            exc = ConnectionTimeout(text)
+        elif attempts and all(a.outcome == "unreachable" for a in attempts):
+            exc = DestinationUnroutable(text)
+        else:
+            exc = ConnectionRefused(text)
+        exc.attempts = tuple(a.describe() for a in attempts)
+        raise exc
 
 
 def _failed(addr: IPAddress, port: int, fam: Family, elapsed: float, exc: BaseException) -> Attempt:

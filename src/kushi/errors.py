@@ -19,6 +19,8 @@ class KushiError(Exception):
     error_type: str = "proxy_internal_error"
     #: Whether the client connection must be closed after the error response.
     close: bool = False
+    #: Connection attempts that led to this error (see connector.Attempt.describe).
+    attempts: tuple[str, ...] = ()
 
     def __init__(self, details: str = "") -> None:
         super().__init__(details or self.error_type)

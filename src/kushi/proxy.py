@@ -194,6 +194,7 @@ class HttpSession:
         record.status = exc.status
         record.error = exc.error_type
         record.details = exc.details
+        record.attempts = record.attempts or list(exc.attempts)
         if record.bytes_out or self.client.closed:
             # The response had started: the only honest signal left is to cut the connection.
             self.client.abort()

@@ -69,6 +69,7 @@ async def serve_tcp(
         record.status = exc.status
         record.error = exc.error_type
         record.details = exc.details
+        record.attempts = record.attempts or list(exc.attempts)
         client.abort()
     finally:
         record.duration = time.time() - started

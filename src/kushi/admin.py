@@ -1,0 +1,589 @@
+"""The admin listener: ``/metrics``, the status page, ``/proxy.pac`` and ``/healthz``.
+
+``admin_listen`` names the addresses (loopback by default); ``admin_allow`` the clients
+that may use them (loopback by default; anyone else gets 403). Requests are read with
+kushi's own strict HTTP/1.1 parser, and every bad request is answered by
+``http1.render_error``, like on the proxy listeners.
+
+=====================  ==============================================================
+``/``                  the status page (``static/status.{html,css,js}``): the share of
+                       IPv6 and IPv4 egress over time, recent requests, errors by type,
+                       uptime and the config in force, refreshed from ``/api/status``
+``/api/status``        the JSON the page draws
+``/metrics``           Prometheus text format (``kushi.metrics``)
+``/proxy.pac``         a proxy auto-config file pointing browsers at kushi
+                       (``/wpad.dat`` is the same file, under the WPAD name)
+``/healthz``           ``200 ok``; ``503 stopping`` once shutdown has begun
+=====================  ==============================================================
+
+Start-up happens in two steps. ``prepare(config)`` runs in the command-line process before
+``server.serve``: it binds the admin sockets (so a port in use is a clean start-up error,
+exit 1) and, with several workers, points prometheus-client at a fresh multiprocess
+directory before any worker imports it. ``AdminPlan.serve_hooks()`` then gives ``serve``
+the callables it runs inside the event loop: ``worker_start`` (every worker: count its
+requests) and ``extra_start`` (one worker: answer the admin listener).
+
+The admin listener keeps answering while the proxy listeners drain at shutdown (so
+``/healthz`` can say 503) and closes when the server cancels its background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+
+from kushi import __version__, http1
+from kushi.accesslog import AccessRecord
+from kushi.acl import AllowList, client_address
+from kushi.config import Address, Config
+from kushi.errors import KushiError, RequestDenied, RequestError, RequestTimeout
+from kushi.http1 import Header, RequestHead
+from kushi.netio import Conn
+from kushi.proxy import PROXY_NAME, read_head
+from kushi.server import Server, StartupError, bind
+
+if TYPE_CHECKING:  # prometheus-client is imported only once the multiprocess mode is set
+    from kushi.metrics import Metrics, Timeline
+
+log = logging.getLogger("kushi.admin")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RECENT_LIMIT = 100
+PAC_TYPE = b"application/x-ns-proxy-autoconfig"
+#: The page's own files only: no CDN, no inline script, nothing framed.
+CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+STATIC = {
+    b"/": ("status.html", b"text/html; charset=utf-8"),
+    b"/index.html": ("status.html", b"text/html; charset=utf-8"),
+    b"/static/status.css": ("status.css", b"text/css; charset=utf-8"),
+    b"/static/status.js": ("status.js", b"text/javascript; charset=utf-8"),
+}
+#: Config keys whose values are never shown (the page and /api/status redact them).
+_SECRET_KEY_RE = re.compile(
+    r"(^|_)(password|passwd|secret|token|credentials?|key|auth_file|htpasswd|users)($|_)"
+)
+
+
+class NotFound(KushiError):
+    status = 404
+    error_type = "http_request_error"
+
+
+class MethodNotAllowed(KushiError):
+    status = 405
+    error_type = "http_request_error"
+
+
+# --- pure parts: the PAC file, the config view, record views ----------------------------
+
+
+def pac_script(proxy: str) -> str:
+    """A PAC file sending everything but loopback names and addresses through ``proxy``."""
+    return f"""// kushi proxy auto-config: IPv4-only clients reach IPv6 sites through kushi.
+function FindProxyForURL(url, host) {{
+  var h = host.toLowerCase();
+  if (h.charAt(0) === "[") {{
+    h = h.substring(1, h.length - 1);
+  }}
+  if (h === "localhost" || dnsDomainIs(h, ".localhost") || h === "::1" ||
+      h === "0:0:0:0:0:0:0:1" || /^127\\.[0-9]+\\.[0-9]+\\.[0-9]+$/.test(h)) {{
+    return "DIRECT";
+  }}
+  return {json.dumps("PROXY " + proxy)};
+}}
+"""
+
+
+def pac_proxy(server: Server, local: tuple[str, int]) -> str | None:
+    """``pac_proxy`` if set, else the first forward listener's address as the client sees it.
+
+    ``local`` is the admin connection's own address: when the listener is bound to a
+    wildcard address, the address the client reached the admin listener on is the one it
+    can reach the proxy on too."""
+    config = server.config
+    if config.pac_proxy:
+        return config.pac_proxy
+    forward = [cfg for cfg in config.listeners if cfg.mode == "forward"]
+    if not forward:
+        return None
+    bound: list[Address] = []
+    for sock in server.sockets.get(forward[0].name, []):
+        with contextlib.suppress(OSError):
+            host, port = sock.getsockname()[:2]
+            bound.append(Address(str(host), int(port)))
+    bound = bound or list(forward[0].listen)
+    local_host = _plain(local[0])
+    local_v6 = ":" in local_host
+    same = [a for a in bound if (":" in a.host) == local_v6]
+    pick = (same or bound)[0]
+    host = pick.host
+    if host in ("0.0.0.0", "::"):
+        host = local_host if same else ("::1" if host == "::" else "127.0.0.1")
+    return str(Address(host, pick.port))
+
+
+def _plain(host: str) -> str:
+    addr = client_address(host)
+    return str(addr) if addr is not None else host
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Address | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, frozenset | set):
+        return sorted((_jsonable(v) for v in value), key=str)
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _redact(data: Any) -> Any:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            if _SECRET_KEY_RE.search(key) and value not in (None, "", [], {}):
+                out[key] = "(redacted)"
+            else:
+                out[key] = _redact(value)
+        return out
+    if isinstance(data, list):
+        return [_redact(v) for v in data]
+    return data
+
+
+def config_view(config: Config) -> dict[str, Any]:
+    """The config in force as JSON, with every secret-looking key redacted."""
+    data = _jsonable(config)
+    assert isinstance(data, dict)
+    redacted = _redact(data)
+    assert isinstance(redacted, dict)
+    return redacted
+
+
+def record_view(record: AccessRecord) -> dict[str, Any]:
+    return {
+        "time": round(record.time, 3),
+        "listener": record.listener,
+        "mode": record.mode,
+        "client": record.client,
+        "method": record.method,
+        "target": record.target[:300],
+        "status": record.status,
+        "upstream": record.upstream,
+        "family": record.family,
+        "duration_ms": round(record.duration * 1000, 1),
+        "bytes_out": record.bytes_out,
+        "error": record.error,
+        "details": record.details[:300],
+        "attempts": record.attempts,
+    }
+
+
+# --- per process: metrics hooks -------------------------------------------------------
+
+_attached: weakref.WeakKeyDictionary[Server, Metrics] = weakref.WeakKeyDictionary()
+
+
+def open_tunnels(server: Server) -> int | None:
+    """Tunnels open now, when this build of the server counts them (``Services.open_tunnels``)."""
+    value = getattr(server.services, "open_tunnels", None)
+    return value if isinstance(value, int) else None
+
+
+def attach(server: Server, multiprocess_dir: str | None = None) -> Metrics:
+    """This process's ``Metrics``, counting every record the server writes (idempotent)."""
+    metrics = _attached.get(server)
+    if metrics is None:
+        from kushi.metrics import Metrics
+
+        metrics = Metrics(multiprocess_dir=multiprocess_dir)
+        server.services.hooks.append(metrics.observe)
+        _attached[server] = metrics
+    return metrics
+
+
+def _set_gauges(server: Server, metrics: Metrics) -> None:
+    metrics.set_gauges(
+        connections=len(server.connections),
+        tunnels=open_tunnels(server),
+        started=server.services.started,
+    )
+
+
+async def _sample_gauges(server: Server, metrics: Metrics) -> None:
+    """In multiprocess mode each worker publishes its own gauges; the admin sums them."""
+    while True:
+        _set_gauges(server, metrics)
+        await asyncio.sleep(1.0)
+
+
+# --- the listener ---------------------------------------------------------------------
+
+
+def _load_static() -> dict[str, bytes]:
+    root = files("kushi").joinpath("static")
+    return {name: root.joinpath(name).read_bytes() for name, _ in STATIC.values()}
+
+
+def shutting_down(server: Server) -> bool:
+    if server.stopping.is_set():
+        return True
+    return bool(server.servers) and not any(s.is_serving() for s in server.servers)
+
+
+class Admin:
+    def __init__(
+        self,
+        server: Server,
+        metrics: Metrics,
+        sockets: list[socket.socket],
+        *,
+        all_workers: bool = True,
+    ) -> None:
+        from kushi.metrics import Timeline
+
+        self.server = server
+        self.metrics = metrics
+        self.sockets = sockets
+        self.all_workers = all_workers
+        self.admin_listen = server.config.admin_listen
+        self.allow = AllowList(server.config.admin_allow)
+        self.timeline: Timeline = Timeline()
+        self.static = _load_static()
+        self.listeners: list[asyncio.Server] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        server.on_reload.append(self.reloaded)
+
+    async def start(self) -> None:
+        for sock in self.sockets:
+            self.listeners.append(
+                await asyncio.start_server(self._handle, sock=sock, limit=2**16, backlog=128)
+            )
+        self.timeline.sample(time.time(), self.metrics.totals().requests)
+        self.server.background.append(asyncio.ensure_future(self._run()))
+        log.info(
+            "admin listener on %s: status page, /metrics, /proxy.pac, /healthz; allow %s",
+            ", ".join(_sockname(s) for s in self.sockets),
+            ", ".join(self.server.config.admin_allow) or "nobody",
+        )
+
+    def reloaded(self, config: Config) -> None:
+        self.metrics.reloads.inc()
+        allow = AllowList(config.admin_allow)
+        for name, addrs in self.allow.resolved.items():
+            if name in allow.resolved:
+                allow.resolved[name] = addrs
+        self.allow = allow
+        if config.admin_listen != self.admin_listen:
+            log.warning("reload: admin_listen changed; restart kushi to apply that part")
+
+    async def _run(self) -> None:
+        """Sample the chart's counters; re-resolve host names in admin_allow."""
+        last_refresh = 0.0
+        try:
+            while True:
+                await asyncio.sleep(self.timeline.step / 2)
+                now = time.time()
+                self.timeline.sample(now, self.metrics.totals().requests)
+                if self.allow.names and now - last_refresh >= 30.0:
+                    last_refresh = now
+                    await self.allow.refresh(self.server.services.resolver)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        conn = Conn.from_streams(reader, writer)
+        try:
+            await self._session(conn)
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        except Exception:
+            log.exception("admin: request from %s failed", conn.peer[0])
+            conn.abort()
+        finally:
+            self.tasks.discard(task)
+            await conn.wait_closed()
+
+    async def _session(self, conn: Conn) -> None:
+        peer = _plain(conn.peer[0])
+        timeouts = self.server.config.timeouts
+        limits = self.server.config.limits
+        first = True
+        while True:
+            try:
+                async with asyncio.timeout(
+                    timeouts.header_read if first or conn.buf else timeouts.idle
+                ):
+                    head = await read_head(conn, limits.max_request_line, limits.max_header_bytes)
+            except TimeoutError:
+                if conn.buf:
+                    await self._send(conn, self._error(RequestTimeout("no request head"), None))
+                return
+            except KushiError as exc:
+                await self._send(conn, self._error(exc, None))
+                return
+            if head is None:
+                return
+            first = False
+            req: RequestHead | None = None
+            try:
+                req = http1.parse_request_head(head)
+                if not self.allow.allows(client_address(peer)):
+                    raise _Denied(f"client {peer} is not in admin_allow")
+                data, close = self.respond(req, conn), not req.keep_alive
+            except KushiError as exc:
+                data, close = self._error(exc, req)
+            if not await self._send(conn, (data, close)) or close:
+                return
+
+    async def _send(self, conn: Conn, response: tuple[bytes, bool]) -> bool:
+        data, close = response
+        try:
+            conn.write(data)
+            await conn.drain()
+        except (ConnectionError, OSError):
+            return False
+        if close:
+            conn.write_eof()
+        return True
+
+    def _error(self, exc: KushiError, req: RequestHead | None) -> tuple[bytes, bool]:
+        # An unread request body leaves the connection unusable: close it.
+        close = (
+            exc.close
+            or req is None
+            or not req.keep_alive
+            or req.framing.kind != "none"
+            or isinstance(exc, RequestDenied)
+        )
+        extra: list[Header] = []
+        if isinstance(exc, MethodNotAllowed):
+            extra.append((b"Allow", b"GET, HEAD"))
+        data = http1.render_error(
+            exc,
+            proxy_name=PROXY_NAME,
+            close=close,
+            head_only=req is not None and req.method == b"HEAD",
+            extra_headers=extra,
+        )
+        return data, close
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    def respond(self, req: RequestHead, conn: Conn) -> bytes:
+        if not req.target.startswith(b"/"):
+            raise RequestError(
+                "this is kushi's admin listener (/metrics, /proxy.pac, the status page); "
+                "it does not proxy requests"
+            )
+        path = req.target.split(b"?", 1)[0]
+        if req.method not in (b"GET", b"HEAD"):
+            raise MethodNotAllowed(f"{req.method.decode('ascii', 'replace')} is not allowed here")
+        if req.framing.kind != "none":
+            raise RequestError("the admin listener takes no request body")
+        if path in STATIC:
+            name, ctype = STATIC[path]
+            headers = [(b"Cache-Control", b"no-cache")]
+            if name.endswith(".html"):
+                headers += [
+                    (b"Content-Security-Policy", CSP),
+                    (b"X-Frame-Options", b"DENY"),
+                    (b"Referrer-Policy", b"no-referrer"),
+                ]
+            return self._response(req, 200, ctype, self.static[name], headers)
+        if path == b"/api/status":
+            body = json.dumps(self.status(time.time()), separators=(",", ":")).encode()
+            return self._response(req, 200, b"application/json", body)
+        if path == b"/metrics":
+            _set_gauges(self.server, self.metrics)
+            from kushi.metrics import CONTENT_TYPE
+
+            return self._response(req, 200, CONTENT_TYPE.encode(), self.metrics.render())
+        if path in (b"/proxy.pac", b"/wpad.dat"):
+            proxy = pac_proxy(self.server, conn.local)
+            if proxy is None:
+                raise NotFound("no forward listener to advertise; set pac_proxy")
+            return self._response(req, 200, PAC_TYPE, pac_script(proxy).encode())
+        if path == b"/healthz":
+            if shutting_down(self.server):
+                return self._response(req, 503, b"text/plain; charset=utf-8", b"stopping\n")
+            return self._response(req, 200, b"text/plain; charset=utf-8", b"ok\n")
+        raise NotFound(f"no admin page at {path.decode('ascii', 'replace')[:200]}")
+
+    def _response(
+        self,
+        req: RequestHead,
+        status: int,
+        ctype: bytes,
+        body: bytes,
+        extra: list[Header] | None = None,
+    ) -> bytes:
+        headers: list[Header] = [
+            (b"Content-Type", ctype),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"X-Content-Type-Options", b"nosniff"),
+        ]
+        headers += extra or [(b"Cache-Control", b"no-store")]
+        if not req.keep_alive:
+            headers.append((b"Connection", b"close"))
+        head = http1.serialize_response_head(status, b"", headers)
+        return head if req.method == b"HEAD" else head + body
+
+    def status(self, now: float) -> dict[str, Any]:
+        server = self.server
+        services = server.services
+        _set_gauges(server, self.metrics)
+        totals = self.metrics.totals()
+        self.timeline.sample(now, totals.requests)
+        workers = server.config.workers
+        tunnels = open_tunnels(server)
+        return {
+            "version": __version__,
+            "pseudonym": services.pseudonym,
+            "now": now,
+            "started": services.started,
+            "uptime": max(0.0, now - services.started),
+            "health": "stopping" if shutting_down(server) else "ok",
+            "workers": workers,
+            "counted": "all workers" if self.all_workers or workers <= 1 else "worker 0 only",
+            "recent_scope": "" if workers <= 1 else f"served by worker 0 of {workers}",
+            "reloads": int(totals.reloads),
+            "open_connections": int(totals.open_connections),
+            "open_tunnels": None if tunnels is None else int(totals.open_tunnels),
+            "totals": {
+                "requests": int(totals.request_count),
+                "by_family": {k: int(v) for k, v in sorted(totals.requests.items())},
+                "tunnels": int(totals.tunnels),
+                "bytes_in": int(totals.bytes_in),
+                "bytes_out": int(totals.bytes_out),
+                "fallbacks": int(totals.fallbacks),
+            },
+            "errors": [
+                {"type": name, "count": int(count)}
+                for name, count in sorted(totals.errors.items(), key=lambda kv: (-kv[1], kv[0]))
+            ],
+            "timeline": self.timeline.series(now),
+            "recent": [record_view(r) for r in reversed(services.recent)][:RECENT_LIMIT],
+            "config": config_view(server.config),
+        }
+
+
+class _Denied(RequestDenied):
+    close = True
+
+
+def _sockname(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return "?"
+    return str(Address(str(host), int(port)))
+
+
+# --- start-up -------------------------------------------------------------------------
+
+
+def _serve_takes_worker_start() -> bool:
+    from kushi.server import serve
+
+    return "worker_start" in inspect.signature(serve).parameters
+
+
+@dataclass(eq=False)
+class AdminPlan:
+    """The admin sockets, bound before ``serve``, and how the workers count requests."""
+
+    config: Config
+    sockets: list[socket.socket] = field(default_factory=list)
+    multiprocess_dir: str | None = None
+    per_worker: bool = False
+
+    def serve_hooks(self) -> dict[str, Callable[[Server], Awaitable[None] | None]]:
+        """Keyword arguments for ``server.serve``."""
+        if not self.sockets:
+            return {}
+        hooks: dict[str, Callable[[Server], Awaitable[None] | None]] = {
+            "extra_start": self.start_admin
+        }
+        if self.per_worker:
+            hooks["worker_start"] = self.start_worker
+        return hooks
+
+    def start_worker(self, server: Server) -> None:
+        metrics = attach(server, self.multiprocess_dir)
+        if self.multiprocess_dir is not None:
+            server.background.append(asyncio.ensure_future(_sample_gauges(server, metrics)))
+
+    async def start_admin(self, server: Server) -> None:
+        metrics = attach(server, self.multiprocess_dir)
+        all_workers = self.config.workers <= 1 or self.multiprocess_dir is not None
+        await Admin(server, metrics, self.sockets, all_workers=all_workers).start()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if self.multiprocess_dir is not None:
+            shutil.rmtree(self.multiprocess_dir, ignore_errors=True)
+            if os.environ.get(MULTIPROC_ENV) == self.multiprocess_dir:
+                del os.environ[MULTIPROC_ENV]
+
+
+def prepare(config: Config) -> AdminPlan:
+    """Bind the admin sockets and choose how workers share counters; call before ``serve``.
+
+    Raises ``StartupError`` when an admin address cannot be bound."""
+    plan = AdminPlan(config)
+    if not config.admin_listen:
+        return plan
+    try:
+        for addr in config.admin_listen:
+            plan.sockets.append(bind(addr, backlog=128))
+    except StartupError as exc:
+        plan.close()
+        raise StartupError(f"admin_listen: {exc}") from None
+    plan.per_worker = _serve_takes_worker_start()
+    if config.workers > 1:
+        if plan.per_worker and "prometheus_client" not in sys.modules:
+            plan.multiprocess_dir = tempfile.mkdtemp(prefix="kushi-metrics-")
+            os.environ[MULTIPROC_ENV] = plan.multiprocess_dir
+        else:
+            log.warning(
+                "workers = %d: /metrics and the status page count worker 0's requests only",
+                config.workers,
+            )
+    return plan
