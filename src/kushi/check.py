@@ -43,7 +43,7 @@ leg is there for comparison.
            "tls_ms": float or null, "tls_valid": bool or null (null for http),
            "status": int or null, "ttfb_ms": float or null,
            "redirects": [{"url": ..., "status": 301, "location": ..., "address": ...}],
-           "error": str or null}
+           "error": str or null (why it failed; for "skipped", why it was skipped)}
 
     PAGE = {"ok": bool, "url": final page URL or null, "truncated": bool,
             "hosts": [{"host": ..., "scheme": "https", "port": 443, "aaaa": [...],
@@ -51,7 +51,10 @@ leg is there for comparison.
             "error": str or null, "note": str or null}
 
 The numbers of a leg describe its last request (the page it landed on, or the request
-that failed); ``redirects`` lists the requests before it.
+that failed); ``redirects`` lists the requests before it. A URL is ``ok`` when its IPv6 leg
+is, and with ``--page`` its page too; the top-level ``ok`` when every URL is. Times are
+milliseconds with one decimal. ``page`` is null without ``--page``; its ``error`` names the
+hosts that fail, and ``note`` says when there was nothing to check (not HTML, no resources).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any, Literal, TextIO
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from kushi import http1
 from kushi.connector import Connector, EgressPolicy, classify, order_addresses
@@ -166,7 +169,8 @@ def parse_url(text: str, *, bare: str | None = None) -> Url:
         target += "?" + parts.query
     if any(c <= " " or c == "\x7f" for c in target):
         raise ValueError(f"{text!r}: spaces or control characters in the path")
-    target = target.encode("ascii", "backslashreplace").decode("ascii")
+    # Non-ASCII characters are percent-encoded (UTF-8); everything else is kept as given.
+    target = quote(target, safe="/?#[]@!$&'()*+,;=:%~-._")
     default = 443 if scheme == "https" else 80
     return Url(scheme, host, port or default, target)  # type: ignore[arg-type]
 
@@ -465,12 +469,14 @@ class Checker:
                 await self._direct_hop(hop, family, want_body=want_body, request=request)
         except HopFailed as exc:
             hop.error = str(exc)
-        except KushiError as exc:
+        except UpstreamError as exc:  # the response broke off or was malformed
+            hop.error = f"{url.host}: {exc.details or exc.error_type}"
+        except KushiError as exc:  # from the connector: these name the host already
             hop.error = exc.details or exc.error_type
         except TimeoutError:
             hop.error = f"{url.host}: no answer within {self.timeout:g} s"
         except (ConnectionError, OSError) as exc:
-            hop.error = f"{url.host}: {exc.strerror or type(exc).__name__}"
+            hop.error = f"{url.host}: {exc.strerror or str(exc) or type(exc).__name__}"
         return hop
 
     async def _direct_hop(
@@ -720,8 +726,9 @@ class Checker:
                 try:
                     result["aaaa"] = [str(a) for a in await self.lookup(origin.host, "ipv6")]
                 except HopFailed as exc:
-                    result["error"] = str(exc)
-                    return result
+                    if self.opts.via is None:  # through a proxy, the proxy resolves
+                        result["error"] = str(exc)
+                        return result
                 if not result["aaaa"] and self.opts.via is None:
                     result["error"] = f"{origin.host} has no AAAA record"
                     return result
@@ -768,7 +775,7 @@ class Checker:
                 dict.fromkeys(bad)
             )
         elif not origins:
-            out["note"] = "the page loads no resources from other hosts"
+            out["note"] = "the page loads no scripts, styles, images or frames"
         return out
 
     async def check_url(self, url: Url) -> dict[str, Any]:
@@ -1023,6 +1030,10 @@ def command(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sy
         progress = Progress(err, err.isatty())
         try:
             results = asyncio.run(_run(opts, progress))
+        except KeyboardInterrupt:
+            progress.finish()
+            print("kushi check: interrupted", file=err)
+            return EXIT_FAIL
         finally:
             progress.finish()
     except UsageError as exc:

@@ -127,7 +127,7 @@ def choose_format(accept: bytes | None, target: bytes) -> Format:
 def render_body(facts: Whoami, fmt: Format) -> tuple[bytes, bytes]:
     """(Content-Type, body) for one format."""
     if fmt == "json":
-        return b"application/json", (json.dumps(facts.as_json(), indent=2) + "\n").encode()
+        return b"application/json", render_json(facts.as_json()).encode()
     family = "IPv6" if facts.family == "ipv6" else "IPv4"
     request_line = f"{facts.method} {facts.target} {facts.version}"
     if fmt == "html":
@@ -162,6 +162,18 @@ def render_body(facts: Whoami, fmt: Format) -> tuple[bytes, bytes]:
     return b"text/plain; charset=utf-8", "\n".join(lines).encode()
 
 
+def render_json(data: dict[str, object]) -> str:
+    """Indented JSON with each ``[name, value]`` header pair on one line."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, list) and value:
+            pairs = ",\n".join(f"    {json.dumps(item)}" for item in value)
+            lines.append(f"  {json.dumps(key)}: [\n{pairs}\n  ]")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def respond(facts: Whoami, req: http1.RequestHead) -> tuple[int, bytes]:
     """The status and the whole response (head and body) for one parsed request."""
     fmt = choose_format(req.get(b"accept"), req.target)
@@ -175,6 +187,8 @@ def respond(facts: Whoami, req: http1.RequestHead) -> tuple[int, bytes]:
     ]
     if not req.keep_alive:
         headers.append((b"Connection", b"close"))
+    elif req.version == (1, 0):
+        headers.append((b"Connection", b"keep-alive"))
     head = http1.serialize_response_head(200, b"OK", headers)
     return 200, head if req.method == b"HEAD" else head + body
 
