@@ -436,7 +436,10 @@ def load_config(
                 continue
             if key not in LISTENER_KEYS:
                 raise ConfigError(f"listener {name}: {key}", "unknown key")
-            values[key] = _listener_value(f"listener {name}: {key}", value)
+            try:
+                values[key] = _listener_value(key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"listener {name}: {key}", exc.problem) from None
         values.update({k: top[k] for k in overrides if k in LISTENER_KEYS})
         listeners.append(_build_listener(name, values))
     names = [item.name for item in listeners]

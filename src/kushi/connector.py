@@ -90,7 +90,8 @@ class Upstream:
 
 class DestinationCheck(Protocol):
     def __call__(self, addr: IPAddress, port: int) -> str | None:
-        """A reason to refuse connecting to ``addr``:``port``, or None."""
+        """A reason to refuse connecting to ``addr``:``port``, or None; a check may also
+        raise a ``KushiError`` to refuse the whole request outright."""
 
 
 def classify(addr: IPAddress, nat64_prefixes: Sequence[ipaddress.IPv6Network]) -> Family:

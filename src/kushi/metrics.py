@@ -226,12 +226,15 @@ class Metrics:
             self.bytes.labels(direction="upstream_to_client", family=family).inc(record.bytes_out)
         if record.error:
             self.errors.labels(error_type=record.error).inc()
-        fallback = fallback_of(record)
-        if fallback is not None:
-            self.fallbacks.labels(from_family=fallback[0], to_family=fallback[1]).inc()
         seconds = connect_seconds(record)
         if seconds is not None:
             self.connect_time.labels(family=family).observe(seconds)
+        # A request sent down a reused connection repeats the attempts that opened it; once
+        # records say which connections are new (connect_ms), only those count.
+        if seconds is not None or not hasattr(record, "connect_ms"):
+            fallback = fallback_of(record)
+            if fallback is not None:
+                self.fallbacks.labels(from_family=fallback[0], to_family=fallback[1]).inc()
 
     def set_gauges(self, *, connections: int, tunnels: int | None, started: float) -> None:
         self.open_connections.set(connections)

@@ -134,6 +134,9 @@ class HttpSession:
         while True:
             timeout = timeouts.header_read if first or self.client.buf else timeouts.idle
             started = time.time()
+            if self.services.stopping and not self.client.buf:
+                return
+            self.services.idle.add(self)
             try:
                 async with asyncio.timeout(timeout):
                     head_bytes = await read_head(
@@ -148,6 +151,8 @@ class HttpSession:
             except KushiError as exc:
                 await self._fail_early(exc, started)
                 return
+            finally:
+                self.services.idle.discard(self)
             if head_bytes is None:
                 return
             first = False
@@ -178,6 +183,12 @@ class HttpSession:
                 self.services.record(state, record)
             if not keep or self.client.closed:
                 return
+
+    def close_idle(self) -> None:
+        """Shutdown: a connection waiting for its next request with nothing buffered ends
+        now (an idle keep-alive connection has nothing in flight to finish)."""
+        if not self.client.buf:
+            self.client.close()
 
     async def _fail_early(self, exc: KushiError, started: float) -> None:
         state = self.get_state()
@@ -455,7 +466,7 @@ class HttpSession:
                 f"{self.config.timeouts.upstream_header:g} s"
             ) from None
 
-    def _status_value(self, upstream: Upstream, status: int) -> bytes:
+    def _status_value(self, upstream: Upstream, status: int | None) -> bytes:
         return http1.proxy_status(
             PROXY_NAME,
             next_hop=upstream.next_hop,
@@ -518,7 +529,7 @@ class HttpSession:
         else:
             out_framing = "close"
 
-        client_keep = req.keep_alive and out_framing != "close"
+        client_keep = req.keep_alive and out_framing != "close" and not self.services.stopping
         if not client_keep:
             headers.append((b"Connection", b"close"))
         elif not client_11:
@@ -611,7 +622,7 @@ class HttpSession:
         record.family = upstream.family
         record.attempts = [a.describe() for a in upstream.fallbacks]
         record.status = 200
-        headers = [(b"Proxy-Status", self._status_value(upstream, 200))]
+        headers = [(b"Proxy-Status", self._status_value(upstream, None))]
         head = http1.serialize_response_head(200, b"Connection established", headers)
         self.client.write(head)
         record.bytes_out += len(head)

@@ -9,19 +9,19 @@ so a reload applies to the next request without dropping any connection.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy
 from kushi.auth import Htpasswd
 from kushi.config import Config, Listener, parse_hostport
 from kushi.connector import Connector, EgressPolicy
-from kushi.errors import DestinationUnavailable
+from kushi.errors import DestinationUnavailable, LoopDetected
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Resolver, ip_literal
 
@@ -114,6 +114,10 @@ class ListenerState:
 RecordHook = Callable[[AccessRecord], None]
 
 
+class Idle(Protocol):
+    def close_idle(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Services:
     config: Config
@@ -127,6 +131,10 @@ class Services:
     )
     hooks: list[RecordHook] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    #: Set when shutdown begins: sessions finish their request and close.
+    stopping: bool = False
+    #: Client connections waiting for their next request head (closed at shutdown).
+    idle: set[Idle] = field(default_factory=set)
 
     @classmethod
     def build(cls, config: Config, pseudonym: str | None = None) -> Services:
@@ -143,21 +151,19 @@ class Services:
         return services
 
     def check_destination(self, addr: IPAddress, port: int) -> str | None:
-        """Refuse connecting to one of kushi's own listening sockets (a forwarding loop)."""
+        """Raise ``LoopDetected`` for one of kushi's own listening sockets (a forwarding
+        loop: RFC 9209 ``proxy_loop_detected``)."""
         for own, own_port in self.own_addresses:
-            if own_port == port and (own == addr or own.is_unspecified):
-                if own.is_unspecified and not (addr.is_loopback or addr == own):
-                    continue
-                return "that is kushi's own listening address"
+            if own_port != port:
+                continue
+            if own == addr or (own.is_unspecified and addr.is_loopback):
+                raise LoopDetected(f"{addr} port {port} is this kushi's own listening address")
         return None
 
     def add_own(self, host: str, port: int) -> None:
         addr = ip_literal(host)
         if addr is not None:
             self.own_addresses.add((addr, port))
-            if addr.is_unspecified:
-                other = ipaddress.ip_address("::" if addr.version == 4 else "0.0.0.0")
-                self.own_addresses.add((other, port))
 
     def record(self, listener: ListenerState, record: AccessRecord) -> None:
         listener.access_log.write(record)

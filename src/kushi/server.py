@@ -327,6 +327,9 @@ class Server:
     async def shutdown(self) -> None:
         for server in self.servers:
             server.close()
+        self.services.stopping = True
+        for session in list(self.services.idle):
+            session.close_idle()
         grace = self.config.timeouts.shutdown_grace
         if self.connections:
             log.info(

@@ -178,7 +178,7 @@ function drawRecent(s) {
       { "data-family": family, "data-status": r.status },
       el("td", {}, fmtTime(r.time)),
       el("td", { class: "opt" }, r.client),
-      el("td", {}, r.method),
+      el("td", { class: "opt" }, r.method),
       el("td", { class: "target", title: r.target }, r.target),
       el("td", {}, status),
       el("td", { class: "opt", title: r.attempts.length ? "fallback: " + r.attempts.join("; ") : null }, hop),

@@ -1,0 +1,229 @@
+"""Operating a running kushi: SIGTERM drains, SIGHUP reloads, a bad reload changes nothing.
+
+kushi runs from a config file (``--config``) so SIGHUP has something to re-read; the client
+is a raw socket on 127.0.0.1 kept open across the signal; the origin is bound to ``[::1]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.kushi_proc import Kushi, free_port, write_toml
+from support.origin import OriginProcess, pattern_sha256, spawn_origin
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Running:
+    kushi: Kushi
+    port: int
+    config: Path
+    settings: dict[str, Any]
+
+    def rewrite(self, **changes: Any) -> None:
+        self.settings.update(changes)
+        write_toml(self.config, self.settings)
+
+    def wait_stderr(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.kushi.stderr.splitlines() if text in line]
+            if lines:
+                return lines[-1]
+            assert time.monotonic() < deadline, f"no {text!r} in: {self.kushi.stderr[-2000:]}"
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
+    o = spawn_origin(["[::1]:0"], tmp_path_factory.mktemp("origin") / "origin.jsonl")
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    port = free_port()
+    settings: dict[str, Any] = {
+        "listen": [f"127.0.0.1:{port}"],
+        "access_log_format": "json",
+        "allow": ["127.0.0.0/8"],
+        "egress": "prefer-ipv6",
+    }
+    path = tmp_path / "kushi.toml"
+    write_toml(path, settings)
+    kushi = Kushi(["serve", "--config", str(path)], tmp_path, wait_for=[("127.0.0.1", port)])
+    yield Running(kushi, port, path, settings)
+    kushi.stop()
+
+
+class Raw:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.rfile = self.sock.makefile("rb")
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rfile.close()
+        self.sock.close()
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        status_line = self.rfile.readline()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        fields: dict[str, str] = {}
+        while (line := self.rfile.readline()) != b"\r\n":
+            assert line.endswith(b"\r\n"), line
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.lower()] = value.strip()
+        return int(status_line.split()[1]), fields
+
+    def get(self, url: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
+        host = url.split("/")[2]
+        lines = [f"GET {url} HTTP/1.1", f"Host: {host}", *headers]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        status, fields = self.head()
+        return status, fields, self.rfile.read(int(fields["content-length"]))
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# --- SIGTERM ---------------------------------------------------------------------------------
+
+
+def test_sigterm_lets_a_download_in_flight_finish_refuses_new_connections_exits_0(
+    running: Running, origin: OriginProcess
+) -> None:
+    n = 64 * 1024 * 1024
+    url = origin.url(f"/bytes/{n}?sigterm")
+    with Raw(running.port) as c:
+        c.sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status, fields = c.head()
+        assert status == 200 and fields["content-length"] == str(n)
+        digest = hashlib.sha256()
+        first = c.rfile.read(1024 * 1024)  # the client reads slowly: 1 MiB, then nothing
+        digest.update(first)
+
+        running.kushi.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not refused(running.port):  # new connections are refused ...
+            assert time.monotonic() < deadline, "kushi still accepts after SIGTERM"
+            time.sleep(0.02)
+        # ... while the download, 63 MiB short, keeps kushi running.
+        assert running.kushi.proc.poll() is None
+
+        rest = n - len(first)
+        while rest:
+            data = c.rfile.read1(min(rest, 1 << 20))
+            assert data, f"download cut short with {rest} bytes to go"
+            digest.update(data)
+            rest -= len(data)
+        assert c.rfile.read() == b""  # then kushi closes (Connection: close)
+    assert digest.hexdigest() == pattern_sha256(n)
+    assert running.kushi.proc.wait(20) == 0
+    (record,) = [r for r in running.kushi.json_records() if r["target"] == url]
+    assert record["status"] == 200 and record["bytes_out"] > n and record["error"] == ""
+    assert "stopping" in running.kushi.stderr
+
+
+def test_sigterm_closes_idle_keepalive_connections_without_waiting_the_grace(
+    tmp_path: Path, origin: OriginProcess
+) -> None:
+    """The grace period is for requests in flight; an idle keep-alive connection is closed."""
+    port = free_port()
+    path = tmp_path / "kushi.toml"
+    write_toml(path, {"listen": [f"127.0.0.1:{port}"], "timeouts": {"shutdown_grace": 300}})
+    kushi = Kushi(["serve", "--config", str(path)], tmp_path, wait_for=[("127.0.0.1", port)])
+    try:
+        with Raw(port) as c:
+            status, _, _ = c.get(origin.url("/1k"))
+            assert status == 200
+            kushi.signal(signal.SIGTERM)
+            # kushi should close the idle connection at once (EOF). The 5 s are not a
+            # measurement: the alternative is the 300 s grace period.
+            c.sock.settimeout(5)
+            try:
+                tail: bytes | None = c.rfile.read()
+            except TimeoutError:
+                tail = None
+        assert tail == b"", "the idle keep-alive connection was still open after SIGTERM"
+        assert kushi.proc.wait(30) == 0
+    finally:
+        kushi.stop()
+
+
+# --- SIGHUP ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "error_type"),
+    [
+        ({"allow": ["203.0.113.9/32"]}, 403, "http_request_denied"),
+        ({"egress": "ipv4-only"}, 502, "destination_not_found"),
+    ],
+    ids=["allow-list", "egress"],
+)
+def test_sighup_applies_changed_config_to_the_next_request_on_open_connection(
+    running: Running,
+    origin: OriginProcess,
+    change: dict[str, Any],
+    status: int,
+    error_type: str,
+) -> None:
+    with Raw(running.port) as c:
+        before, fields, _ = c.get(origin.url("/1k"))
+        assert before == 200 and fields["proxy-status"].startswith("kushi; next-hop=")
+        running.rewrite(**change)
+        running.kushi.signal(signal.SIGHUP)
+        running.wait_stderr("config reloaded")
+        # The same keep-alive connection: still open, now under the new config.
+        after, fields, body = c.get(origin.url("/1k"))
+        assert after == status
+        assert f"error={error_type}" in fields["proxy-status"]
+        assert error_type.encode() in body
+        again, _, _ = c.get(origin.url("/1k"))
+        assert again == status  # and it is still usable
+    with Raw(running.port) as fresh:
+        assert fresh.get(origin.url("/1k"))[0] == status
+    assert running.kushi.proc.poll() is None
+
+
+def test_sighup_with_broken_file_is_logged_and_old_config_keeps_working(
+    running: Running, origin: OriginProcess
+) -> None:
+    with Raw(running.port) as c:
+        assert c.get(origin.url("/1k"))[0] == 200
+        running.config.write_text('egress = "ipv5"\nallow = ["203.0.113.9/32"]\n')
+        running.kushi.signal(signal.SIGHUP)
+        line = running.wait_stderr("reload failed")
+        assert "egress" in line and "keeping the running config" in line
+        status, fields, _ = c.get(origin.url("/1k"))
+        assert status == 200 and f'next-hop="[::1]:{origin.port}"' in fields["proxy-status"]
+    with Raw(running.port) as fresh:
+        assert fresh.get(origin.url("/1k"))[0] == 200
+    running.config.write_text("this is not = = toml\n")
+    running.kushi.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while running.kushi.stderr.count("reload failed") < 2:
+        assert time.monotonic() < deadline, running.kushi.stderr[-2000:]
+        time.sleep(0.02)
+    with Raw(running.port) as fresh:
+        assert fresh.get(origin.url("/1k"))[0] == 200
+    assert running.kushi.proc.poll() is None
