@@ -56,6 +56,7 @@ from kushi.errors import KushiError, RequestDenied, RequestError, RequestTimeout
 from kushi.http1 import Header, RequestHead
 from kushi.netio import Conn
 from kushi.proxy import PROXY_NAME, read_head
+from kushi.resolver import ip_literal
 from kushi.server import Server, StartupError, bind
 
 if TYPE_CHECKING:  # prometheus-client is imported only once the multiprocess mode is set
@@ -255,7 +256,8 @@ def _load_static() -> dict[str, bytes]:
 
 
 def shutting_down(server: Server) -> bool:
-    if server.stopping.is_set():
+    """True from the moment the proxy listeners stop accepting (SIGTERM/SIGINT)."""
+    if server.services.stopping or server.stopping.is_set():
         return True
     return bool(server.servers) and not any(s.is_serving() for s in server.servers)
 
@@ -279,6 +281,7 @@ class Admin:
         self.allow = AllowList(server.config.admin_allow)
         self.timeline: Timeline = Timeline()
         self.static = _load_static()
+        self.own_names = _own_names()
         self.listeners: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         server.on_reload.append(self.reloaded)
@@ -368,7 +371,7 @@ class Admin:
             try:
                 req = http1.parse_request_head(head)
                 if not self.allow.allows(client_address(peer)):
-                    raise _Denied(f"client {peer} is not in admin_allow")
+                    raise RequestDenied(f"client {peer} is not in admin_allow")
                 data, close = self.respond(req, conn), not req.keep_alive
             except KushiError as exc:
                 data, close = self._error(exc, req)
@@ -420,6 +423,8 @@ class Admin:
             raise MethodNotAllowed(f"{req.method.decode('ascii', 'replace')} is not allowed here")
         if req.framing.kind != "none":
             raise RequestError("the admin listener takes no request body")
+        if path in STATIC or path == b"/api/status":
+            self._check_host(req)
         if path in STATIC:
             name, ctype = STATIC[path]
             headers = [(b"Cache-Control", b"no-cache")]
@@ -448,6 +453,28 @@ class Admin:
                 return self._response(req, 503, b"text/plain; charset=utf-8", b"stopping\n")
             return self._response(req, 200, b"text/plain; charset=utf-8", b"ok\n")
         raise NotFound(f"no admin page at {path.decode('ascii', 'replace')[:200]}")
+
+    def _check_host(self, req: RequestHead) -> None:
+        """The status page answers only to an address or this machine's own name.
+
+        Against DNS rebinding: a web page on ``attacker.example`` that re-points its name at
+        127.0.0.1 must not be able to read the recent requests and the config. /metrics,
+        /proxy.pac and /healthz answer to any name (scrapers and browsers use many)."""
+        host = req.get(b"host")
+        if host is None:
+            return
+        try:
+            name, _ = http1.split_authority(host)
+        except ValueError:
+            raise RequestError("bad Host header") from None
+        if ip_literal(name) is not None or name in self.own_names:
+            return
+        if name == "localhost" or name.endswith(".localhost"):
+            return
+        raise RequestDenied(
+            f"the status page answers to this machine's addresses and names, not {name!r} "
+            "(protection against DNS rebinding)"
+        )
 
     def _response(
         self,
@@ -507,8 +534,11 @@ class Admin:
         }
 
 
-class _Denied(RequestDenied):
-    close = True
+def _own_names() -> frozenset[str]:
+    names = {socket.gethostname()}
+    with contextlib.suppress(OSError):
+        names.add(socket.getfqdn())
+    return frozenset(n.lower().rstrip(".") for n in names if n)
 
 
 def _sockname(sock: socket.socket) -> str:

@@ -18,7 +18,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from kushi.errors import (
@@ -77,6 +77,8 @@ class Upstream:
     family: Family
     attempts: tuple[Attempt, ...]
     connect_time: float
+    #: Proxy-Status values by received status, built once per connection.
+    proxy_status: dict[int | None, bytes] = field(default_factory=dict)
 
     @property
     def next_hop(self) -> str:

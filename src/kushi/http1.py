@@ -619,7 +619,10 @@ def encode_last_chunk(trailers: Iterable[Header] = ()) -> bytes:
 
 def sf_string(text: str) -> str:
     """An RFC 8941 sf-string: printable ASCII only, with ``"`` and ``\\`` escaped."""
-    safe = "".join(c if " " <= c <= "~" else "?" for c in text)
+    if text.isascii() and text.isprintable():
+        safe = text
+    else:
+        safe = "".join(c if " " <= c <= "~" else "?" for c in text)
     return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -123,6 +123,8 @@ class HttpSession:
         self.config = services.config
         self.upstream: Upstream | None = None  # the one in use by the current request
         self._current_key: tuple[object, ...] | None = None
+        self.client_ip = client_address(info.address)
+        self._acl: tuple[ListenerState, bool] | None = None
         self._body_done = True
 
     # --- the request loop ----------------------------------------------------------------
@@ -277,7 +279,9 @@ class HttpSession:
 
     def authorize(self, req: RequestHead, state: ListenerState, record: AccessRecord) -> None:
         """The allow list and proxy authentication, combined as ``auth_combine`` says."""
-        allowed = state.allow.allows(client_address(self.info.address))
+        if self._acl is None or self._acl[0] is not state or state.allow.names:
+            self._acl = (state, state.allow.allows(self.client_ip))
+        allowed = self._acl[1]
         if state.auth is None or state.cfg.mode != "forward":
             if not allowed:
                 raise RequestDenied(
@@ -467,14 +471,19 @@ class HttpSession:
             ) from None
 
     def _status_value(self, upstream: Upstream, status: int | None) -> bytes:
-        return http1.proxy_status(
-            PROXY_NAME,
-            next_hop=upstream.next_hop,
-            received_status=status,
-            details=(f"{upstream.family}; " + describe_fallbacks(upstream)).rstrip("; ")
-            if upstream.fallbacks
-            else upstream.family,
+        """Proxy-Status for a response from ``upstream``: the next hop actually used, the
+        family in ``details``, and any attempts that lost (a fallback is never silent)."""
+        cached = upstream.proxy_status.get(status)
+        if cached is not None:
+            return cached
+        details: str = upstream.family
+        if upstream.fallbacks:
+            details = f"{upstream.family}; {describe_fallbacks(upstream)}"
+        value = http1.proxy_status(
+            PROXY_NAME, next_hop=upstream.next_hop, received_status=status, details=details
         )
+        upstream.proxy_status[status] = value
+        return value
 
     async def relay_response(
         self,
