@@ -34,6 +34,7 @@ class AccessRecord:
     content_type: str = ""
     attempts: list[str] = field(default_factory=list)
     user: str = ""
+    connect_ms: float = 0.0  # 0 when a pooled connection was reused
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import ipaddress
 import json
 import logging
@@ -282,6 +281,7 @@ class Admin:
         self.timeline: Timeline = Timeline()
         self.static = _load_static()
         self.own_names = _own_names()
+        self.next_refresh = 0.0  # when to re-resolve the host names in admin_allow
         self.listeners: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         server.on_reload.append(self.reloaded)
@@ -292,6 +292,9 @@ class Admin:
                 await asyncio.start_server(self._handle, sock=sock, limit=2**16, backlog=128)
             )
         self.timeline.sample(time.time(), self.metrics.totals().requests)
+        if self.allow.names:
+            await self.allow.refresh(self.server.services.resolver)
+            self.next_refresh = time.time() + 30.0
         self.server.background.append(asyncio.ensure_future(self._run()))
         log.info(
             "admin listener on %s: status page, /metrics, /proxy.pac, /healthz; allow %s",
@@ -306,19 +309,19 @@ class Admin:
             if name in allow.resolved:
                 allow.resolved[name] = addrs
         self.allow = allow
+        self.next_refresh = 0.0  # resolve new names at the next tick
         if config.admin_listen != self.admin_listen:
             log.warning("reload: admin_listen changed; restart kushi to apply that part")
 
     async def _run(self) -> None:
         """Sample the chart's counters; re-resolve host names in admin_allow."""
-        last_refresh = 0.0
         try:
             while True:
                 await asyncio.sleep(self.timeline.step / 2)
                 now = time.time()
                 self.timeline.sample(now, self.metrics.totals().requests)
-                if self.allow.names and now - last_refresh >= 30.0:
-                    last_refresh = now
+                if self.allow.names and now >= self.next_refresh:
+                    self.next_refresh = now + 30.0
                     await self.allow.refresh(self.server.services.resolver)
         finally:
             self.close()
@@ -552,10 +555,8 @@ def _sockname(sock: socket.socket) -> str:
 # --- start-up -------------------------------------------------------------------------
 
 
-def _serve_takes_worker_start() -> bool:
-    from kushi.server import serve
-
-    return "worker_start" in inspect.signature(serve).parameters
+def _default_admin_listen() -> object:
+    return next(f.default for f in fields(Config) if f.name == "admin_listen")
 
 
 @dataclass(eq=False)
@@ -600,7 +601,9 @@ class AdminPlan:
 def prepare(config: Config) -> AdminPlan:
     """Bind the admin sockets and choose how workers share counters; call before ``serve``.
 
-    Raises ``StartupError`` when an admin address cannot be bound."""
+    Raises ``StartupError`` when an admin address cannot be bound, except the built-in
+    default address: a second kushi on the same machine then runs without an admin
+    listener (with a warning) rather than not at all."""
     plan = AdminPlan(config)
     if not config.admin_listen:
         return plan
@@ -609,8 +612,12 @@ def prepare(config: Config) -> AdminPlan:
             plan.sockets.append(bind(addr, backlog=128))
     except StartupError as exc:
         plan.close()
-        raise StartupError(f"admin_listen: {exc}") from None
-    plan.per_worker = _serve_takes_worker_start()
+        plan.sockets.clear()
+        if config.admin_listen != _default_admin_listen():
+            raise StartupError(f"admin_listen: {exc}") from None
+        log.warning("admin listener off: %s (set admin_listen to use another address)", exc)
+        return plan
+    plan.per_worker = True
     if config.workers > 1:
         if plan.per_worker and "prometheus_client" not in sys.modules:
             plan.multiprocess_dir = tempfile.mkdtemp(prefix="kushi-metrics-")

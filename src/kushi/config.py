@@ -145,7 +145,7 @@ class Config:
     dns_cache_ttl: float = 30.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
-    admin_listen: tuple[Address, ...] = ()
+    admin_listen: tuple[Address, ...] = (Address("127.0.0.1", 9128),)
     admin_allow: tuple[str, ...] = LOOPBACK_ONLY
     pac_proxy: str = ""
     source: str | None = None

@@ -44,16 +44,20 @@ Header = tuple[bytes, bytes]
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]+")
 # RFC 9112 section 3: request-line = method SP request-target SP HTTP-version
-_REQUEST_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e]+) (\S+)")
+# The target may carry raw non-ASCII bytes (obs-text): servers in the wild accept UTF-8 paths.
+_REQUEST_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) (\S+)")
 _VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
 # RFC 9112 section 4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
-_STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3}) ?([\t\x20-\x7e\x80-\xff]*)")
+# (A bare "HTTP/1.1 200" without the SP is common enough to accept; "200OK" is not.)
+_STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 # RFC 9112 section 5: field-line = field-name ":" OWS field-value OWS
 _FIELD_RE = re.compile(
     rb"([" + _TCHAR + rb"]+):[ \t]*((?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+)?[ \t]*"
 )
 _DIGITS_RE = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?)")
+
+_FRAMING_NAMES = (b"content-length", b"transfer-encoding")
 
 # RFC 9110 section 7.6.1 and RFC 9112: fields that apply to one connection only.
 HOP_BY_HOP = frozenset(
@@ -115,6 +119,8 @@ class RequestHead:
     keep_alive: bool = True
     expect_continue: bool = False
     upgrade: bytes | None = None
+    #: Transfer codings applied before the final chunked one (sent on upstream).
+    codings: tuple[bytes, ...] = ()
 
     def get(self, name: bytes) -> bytes | None:
         return get_header(self.headers, name)
@@ -248,8 +254,12 @@ def _show(value: bytes) -> str:
     return repr(text)
 
 
-def _content_length(values: list[bytes], error: type[KushiError]) -> int:
-    """RFC 9112 section 6.3 item 5: identical repeated values are one; others are errors."""
+def _content_length(values: list[bytes], error: type[KushiError], *, strict: bool = False) -> int:
+    """RFC 9112 section 6.3 item 5. A request (``strict``) must carry exactly one plain
+    value: a list, even of identical values, is how length confusion starts, so it is
+    refused. A response may repeat an identical value; differing values are errors."""
+    if strict and (len(values) != 1 or b"," in values[0]):
+        raise error("more than one Content-Length value")
     lengths = set()
     for value in values:
         for item in value.split(b","):
@@ -262,10 +272,29 @@ def _content_length(values: list[bytes], error: type[KushiError]) -> int:
     return lengths.pop()
 
 
+def transfer_codings(values: list[bytes]) -> list[bytes] | None:
+    """The coding names of Transfer-Encoding fields, lower-cased, parameters dropped
+    (RFC 9112 section 6.1); None when an element is empty or not a token."""
+    codings = []
+    for value in values:
+        for item in value.split(b","):
+            name = item.split(b";", 1)[0].strip(b" \t").lower()
+            if not _TOKEN_RE.fullmatch(name):
+                return None
+            codings.append(name)
+    return codings
+
+
+def _chunked_last(codings: list[bytes] | None) -> bool:
+    """``chunked`` is the final coding and appears only once (RFC 9112 section 6.3 item 4)."""
+    if not codings:
+        return False
+    return codings[-1] == b"chunked" and b"chunked" not in codings[:-1]
+
+
 def _transfer_coding_is_chunked(values: list[bytes]) -> bool:
     """True when Transfer-Encoding is exactly ``chunked``; False for anything else."""
-    codings = [item.strip(b" \t").lower() for value in values for item in value.split(b",")]
-    return codings == [b"chunked"]
+    return transfer_codings(values) == [b"chunked"]
 
 
 def parse_request_head(head: bytes) -> RequestHead:
@@ -289,6 +318,10 @@ def parse_request_head(head: bytes) -> RequestHead:
     if version[1] > 1:
         version = (1, 1)
     headers = _parse_fields(lines[1:], RequestError)
+    for name, _value in headers:
+        if b"_" in name and name.lower().replace(b"_", b"-") in _FRAMING_NAMES:
+            # Gateways that map "_" to "-" (CGI, WSGI) would read a second framing field.
+            raise RequestError(f"header field {_show(name)} looks like a framing field")
     req = RequestHead(method, target, version, headers)
 
     # RFC 9112 section 3.2: a 1.1 request has exactly one Host field.
@@ -307,11 +340,16 @@ def parse_request_head(head: bytes) -> RequestHead:
             raise RequestError("Transfer-Encoding in an HTTP/1.0 request")
         if cl:
             raise RequestError("both Content-Length and Transfer-Encoding")
-        if not _transfer_coding_is_chunked(te):
-            raise RequestError(f"unsupported Transfer-Encoding {_show(b', '.join(te))}")
+        codings = transfer_codings(te)
+        if not _chunked_last(codings):
+            raise RequestError(
+                f"Transfer-Encoding {_show(b', '.join(te))} does not end in a single chunked"
+            )
         req.framing = Framing("chunked")
+        # Codings applied before chunked (gzip, ...) travel on with the message.
+        req.codings = tuple(c for c in (codings or [])[:-1] if c != b"identity")
     elif cl:
-        length = _content_length(cl, RequestError)
+        length = _content_length(cl, RequestError, strict=True)
         req.framing = Framing("length", length) if length else NO_BODY
 
     tokens = connection_tokens(headers)
@@ -335,7 +373,8 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     m = _STATUS_LINE_RE.fullmatch(lines[0])
     if m is None:
         raise UpstreamError(f"malformed status line {_show(lines[0])}")
-    major, minor, status_text, reason = m.groups()
+    major, minor, status_text, reason_or_none = m.groups()
+    reason = reason_or_none or b""
     if major != b"1":
         raise UpstreamError(f"upstream answered with HTTP/{int(major)}.{int(minor)}")
     version = (1, min(int(minor), 1))
@@ -607,6 +646,8 @@ def serialize_response_head(status: int, reason: bytes, headers: Iterable[Header
 
 
 def encode_chunk(data: bytes) -> bytes:
+    if not data:
+        return b""  # an empty chunk would be the last-chunk marker
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 

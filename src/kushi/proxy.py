@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kushi import http1
 from kushi.accesslog import AccessRecord
@@ -47,7 +48,6 @@ from kushi.routing import (
     upstream_request_headers,
 )
 from kushi.runtime import ListenerState, Services
-from kushi.tunnel import relay
 
 log = logging.getLogger("kushi.proxy")
 PROXY_NAME = "kushi"
@@ -138,6 +138,7 @@ class HttpSession:
             started = time.time()
             if self.services.stopping and not self.client.buf:
                 return
+            consumed_before = self.client.bytes_in - len(self.client.buf)
             self.services.idle.add(self)
             try:
                 async with asyncio.timeout(timeout):
@@ -181,6 +182,8 @@ class HttpSession:
                 )
             finally:
                 self._release_upstream(False)
+                # What this request took from the client: its head, body or tunnel bytes.
+                record.bytes_in = self.client.bytes_in - len(self.client.buf) - consumed_before
                 record.duration = time.time() - started
                 self.services.record(state, record)
             if not keep or self.client.closed:
@@ -369,7 +372,7 @@ class HttpSession:
             keep_upgrade=upgrade,
         )
         if req.framing.kind == "chunked":
-            headers.append((b"Transfer-Encoding", b"chunked"))
+            headers.append((b"Transfer-Encoding", b", ".join((*req.codings, b"chunked"))))
         elif req.framing.kind == "length":
             headers.append((b"Content-Length", str(req.framing.length).encode()))
         elif req.method in (b"POST", b"PUT", b"PATCH"):
@@ -382,7 +385,9 @@ class HttpSession:
             self._current_key = route.pool_key
             record.upstream = upstream.next_hop
             record.family = upstream.family
-            record.attempts = [a.describe() for a in upstream.fallbacks]
+            # A pooled connection's attempts belong to the request that opened it.
+            record.attempts = [] if reused else [a.describe() for a in upstream.fallbacks]
+            record.connect_ms = 0.0 if reused else round(upstream.connect_time * 1000, 3)
             try:
                 upstream.conn.write(head)
                 if req.framing.kind == "none":
@@ -391,7 +396,7 @@ class HttpSession:
                     body_task = None
                 else:
                     body_task = asyncio.ensure_future(self.send_request_body(req, upstream))
-                    resp = await self.read_response_head(req, upstream, record, expect_reuse=False)
+                    resp = await self._head_while_sending(req, upstream, record, body_task)
             except _StaleConnection:
                 upstream.conn.abort()
                 self.upstream = None
@@ -407,6 +412,33 @@ class HttpSession:
             if body_task is not None and not body_task.done():
                 body_task.cancel()
                 await asyncio.gather(body_task, return_exceptions=True)
+
+    async def _head_while_sending(
+        self,
+        req: RequestHead,
+        upstream: Upstream,
+        record: AccessRecord,
+        body_task: asyncio.Future[None],
+    ) -> ResponseHead:
+        """Wait for the response head while the body streams; a body that fails (bad
+        chunking, client gone) ends the exchange at once and the upstream is dropped."""
+        head_task = asyncio.ensure_future(
+            self.read_response_head(req, upstream, record, expect_reuse=False)
+        )
+        pending: set[asyncio.Future[Any]] = {body_task, head_task}
+        try:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            head_task.cancel()
+            raise
+        failure = body_task.exception() if body_task.done() else None
+        if not head_task.done() and failure is not None:
+            head_task.cancel()
+            await asyncio.gather(head_task, return_exceptions=True)
+            upstream.conn.abort()
+            self.upstream = None
+            raise failure
+        return await head_task
 
     async def send_request_body(self, req: RequestHead, upstream: Upstream) -> None:
         reader = http1.body_reader(req.framing, RequestError)
@@ -514,8 +546,7 @@ class HttpSession:
             upstream.conn.buf, pending = bytearray(), bytes(upstream.conn.buf)
             if pending:
                 self.client.write(pending)
-            up, down = await relay(self.client, upstream.conn, self.config.timeouts.tunnel_idle)
-            record.bytes_in += up
+            _up, down = await self.services.relay(self.client, upstream.conn)
             record.bytes_out += down
             upstream.conn.close()
             self.upstream = None
@@ -598,7 +629,6 @@ class HttpSession:
                 # client a moment to finish; otherwise close both connections.
                 done, _ = await asyncio.wait({body_task}, timeout=1.0)
                 body_complete = bool(done) and body_task.exception() is None
-        record.bytes_in = self.client.bytes_in
         reusable = (
             resp.keep_alive and framing != "close" and body_complete and not upstream.conn.at_eof
         )
@@ -630,6 +660,7 @@ class HttpSession:
         record.upstream = upstream.next_hop
         record.family = upstream.family
         record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.connect_ms = round(upstream.connect_time * 1000, 3)
         record.status = 200
         headers = [(b"Proxy-Status", self._status_value(upstream, None))]
         head = http1.serialize_response_head(200, b"Connection established", headers)
@@ -640,10 +671,7 @@ class HttpSession:
         except (ConnectionError, OSError):
             upstream.conn.abort()
             raise ClientGone() from None
-        start_in, start_out = self.client.bytes_in, self.client.bytes_out
-        up, down = await relay(self.client, upstream.conn, self.config.timeouts.tunnel_idle)
-        del start_in, start_out
-        record.bytes_in += up
+        _up, down = await self.services.relay(self.client, upstream.conn)
         record.bytes_out += down
         upstream.conn.close()
         return False

@@ -96,7 +96,8 @@ def upstream_request_headers(
         # Forwarded and X-Forwarded-For are rebuilt below (extending a trusted proxy's);
         # the rest of an untrusted client's forwarding fields are dropped.
         drop = FORWARDING_FIELDS if not reverse.trusted else {b"forwarded", b"x-forwarded-for"}
-        headers = [(k, v) for k, v in headers if k.lower() not in drop]
+        # X_Forwarded_For reads as X-Forwarded-For to gateways that map "_" to "-".
+        headers = [(k, v) for k, v in headers if k.lower().replace(b"_", b"-") not in drop]
     out: list[Header] = [(b"Host", host)]
     out.extend(headers)
     mf = max_forwards(head)

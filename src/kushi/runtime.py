@@ -22,8 +22,10 @@ from kushi.auth import Htpasswd
 from kushi.config import Config, Listener, parse_hostport
 from kushi.connector import Connector, EgressPolicy
 from kushi.errors import DestinationUnavailable, LoopDetected
+from kushi.netio import Conn
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Resolver, ip_literal
+from kushi.tunnel import relay
 
 log = logging.getLogger("kushi")
 
@@ -133,6 +135,7 @@ class Services:
     started: float = field(default_factory=time.time)
     #: Set when shutdown begins: sessions finish their request and close.
     stopping: bool = False
+    open_tunnels: int = 0
     #: Client connections waiting for their next request head (closed at shutdown).
     idle: set[Idle] = field(default_factory=set)
 
@@ -164,6 +167,14 @@ class Services:
         addr = ip_literal(host)
         if addr is not None:
             self.own_addresses.add((addr, port))
+
+    async def relay(self, a: Conn, b: Conn) -> tuple[int, int]:
+        """A tunnel (CONNECT, upgrade or TCP mode), counted while open."""
+        self.open_tunnels += 1
+        try:
+            return await relay(a, b, self.config.timeouts.tunnel_idle)
+        finally:
+            self.open_tunnels -= 1
 
     def record(self, listener: ListenerState, record: AccessRecord) -> None:
         listener.access_log.write(record)

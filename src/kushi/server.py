@@ -369,13 +369,17 @@ async def run_server(
     overrides: dict[str, object],
     pseudonym: str | None = None,
     extra_start: Callable[[Server], object] | None = None,
+    worker_start: Callable[[Server], object] | None = None,
 ) -> int:
+    """Serve in this process: ``worker_start`` runs in every worker, ``extra_start`` (the
+    admin listener) in the first one only."""
     server = Server(config, sockets, pseudonym)
     await server.start()
-    if extra_start is not None:
-        result = extra_start(server)
-        if asyncio.iscoroutine(result):
-            await result
+    for hook in (worker_start, extra_start):
+        if hook is not None:
+            result = hook(server)
+            if asyncio.iscoroutine(result):
+                await result
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -391,6 +395,7 @@ def serve(
     config: Config,
     overrides: dict[str, object],
     extra_start: Callable[[Server], object] | None = None,
+    worker_start: Callable[[Server], object] | None = None,
 ) -> int:
     """Bind, start workers (or serve in this process) and block until stopped."""
     sockets = bind_all(config)
@@ -400,8 +405,10 @@ def serve(
         log.info("%s", describe_listener(cfg, sockets[cfg.name]))
     log.info("kushi ready: %d worker(s), %s event loop", config.workers, loop_name)
     if config.workers <= 1:
-        return asyncio.run(run_server(config, sockets, overrides, pseudonym, extra_start))
-    return _supervise(config, sockets, overrides, pseudonym, extra_start)
+        return asyncio.run(
+            run_server(config, sockets, overrides, pseudonym, extra_start, worker_start)
+        )
+    return _supervise(config, sockets, overrides, pseudonym, extra_start, worker_start)
 
 
 def _supervise(
@@ -410,6 +417,7 @@ def _supervise(
     overrides: dict[str, object],
     pseudonym: str,
     extra_start: Callable[[Server], object] | None,
+    worker_start: Callable[[Server], object] | None,
 ) -> int:
     """Fork ``workers`` processes that share the listening sockets; relay signals to them."""
     children: dict[int, int] = {}
@@ -424,7 +432,12 @@ def _supervise(
                 install_event_loop()
                 code = asyncio.run(
                     run_server(
-                        config, sockets, overrides, pseudonym, extra_start if index == 0 else None
+                        config,
+                        sockets,
+                        overrides,
+                        pseudonym,
+                        extra_start if index == 0 else None,
+                        worker_start,
                     )
                 )
             finally:

@@ -18,7 +18,6 @@ from kushi.netio import Conn
 from kushi.proxyproto import build as build_proxy_header
 from kushi.routing import ClientInfo
 from kushi.runtime import ListenerState, Services
-from kushi.tunnel import relay
 
 log = logging.getLogger("kushi.tcp")
 
@@ -51,6 +50,7 @@ async def serve_tcp(
         record.upstream = upstream.next_hop
         record.family = upstream.family
         record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.connect_ms = round(upstream.connect_time * 1000, 3)
         if state.cfg.backend_proxy_protocol:
             upstream.conn.write(
                 build_proxy_header(
@@ -62,7 +62,7 @@ async def serve_tcp(
                 )
             )
         record.status = 200
-        up, down = await relay(client, upstream.conn, services.config.timeouts.tunnel_idle)
+        up, down = await services.relay(client, upstream.conn)
         record.bytes_in, record.bytes_out = up, down
         upstream.conn.close()
     except KushiError as exc:

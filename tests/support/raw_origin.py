@@ -256,8 +256,9 @@ def exchange(
     """Send ``head`` + ``body`` (a large body from a helper thread, so a proxy that answers
     early cannot deadlock us) and read one response framed by Content-Length.
 
-    With ``expect_close`` it then reads on until the proxy closes the connection, and
-    ``closed`` says whether it did before ``timeout``. ``raw`` is every byte received."""
+    With ``expect_close``, when the response says ``Connection: close``, it then reads on
+    until the proxy closes the connection; ``closed`` says whether it did before ``timeout``.
+    ``raw`` is every byte received."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     received = bytearray()
     eof = False
@@ -306,7 +307,10 @@ def exchange(
             while len(received) < body_start + length and fill():
                 pass
             body_in = bytes(received[body_start : body_start + length])
-            if expect_close:
+            announced = any(
+                k.lower() == b"connection" and b"close" in v.lower() for k, v in headers
+            )
+            if expect_close and announced:
                 while fill():
                     pass
             return RawResponse(status, headers, body_in, eof, bytes(received))

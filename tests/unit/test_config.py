@@ -59,7 +59,7 @@ def test_defaults() -> None:
     assert config.timeouts.happy_eyeballs_delay == 0.25
     assert config.limits == Limits()
     assert config.workers == 1 and config.log_level == "info"
-    assert config.admin_listen == ()
+    assert config.admin_listen == (Address("127.0.0.1", 9128),)
     assert config.source is None
 
 
