@@ -67,7 +67,8 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
         "--admin-listen",
         metavar="HOST:PORT",
         action="append",
-        help="admin listener for /metrics, the status page and /proxy.pac [default: off]",
+        help="admin listener for /metrics, the status page and /proxy.pac "
+        "[default: 127.0.0.1:9128; off to disable]",
     )
 
 

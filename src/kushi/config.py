@@ -481,7 +481,7 @@ def _global_value(key: str, value: Any) -> Any:
     if key == "dns_cache_ttl":
         return float(_number(key, value))
     if key == "admin_listen":
-        if value in ("", [], "off"):
+        if value in ("", [], "off", [""], ["off"]):
             return ()
         return tuple(parse_hostport(v, key) for v in _str_list(key, value))
     if key == "admin_allow":
