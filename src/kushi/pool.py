@@ -44,6 +44,11 @@ class UpstreamPool:
             return
         entries.append((time.monotonic(), upstream))
 
+    def discard(self, key: Hashable) -> None:
+        """Close and forget every idle connection under ``key``."""
+        for _, upstream in self._idle.pop(key, []):
+            upstream.conn.close()
+
     def sweep(self) -> None:
         now = time.monotonic()
         for key in list(self._idle):

@@ -11,6 +11,7 @@ CONNECT authority; a reverse listener sends origin-form requests to its backends
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -51,6 +52,8 @@ from kushi.runtime import ListenerState, Services
 
 log = logging.getLogger("kushi.proxy")
 PROXY_NAME = "kushi"
+#: Numbers client sessions for the lifetime of the process (unlike id(), never reused).
+_SESSION_SERIAL = itertools.count(1)
 
 
 class ClientGone(Exception):
@@ -123,6 +126,8 @@ class HttpSession:
         self.config = services.config
         self.upstream: Upstream | None = None  # the one in use by the current request
         self._current_key: tuple[object, ...] | None = None
+        self.serial = next(_SESSION_SERIAL)
+        self._private_keys: set[tuple[object, ...]] = set()
         self.client_ip = client_address(info.address)
         self._acl: tuple[ListenerState, bool] | None = None
         self._body_done = True
@@ -130,6 +135,14 @@ class HttpSession:
     # --- the request loop ----------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            # Backend connections that carry this client's PROXY header die with it.
+            for key in self._private_keys:
+                self.services.pool.discard(key)
+
+    async def _run(self) -> None:
         first = True
         limits = self.config.limits
         timeouts = self.config.timeouts
@@ -311,7 +324,8 @@ class HttpSession:
             key: tuple[object, ...] = ("rev", backend.host, backend.port, state.policy)
             if state.cfg.backend_proxy_protocol:
                 # The PROXY header names one client: never share that connection.
-                key = (*key, id(self))
+                key = (*key, self.serial)
+                self._private_keys.add(key)
             route = Route(
                 backend.host,
                 backend.port,

@@ -105,7 +105,9 @@ def upstream_request_headers(
         out = [(k, v) for k, v in out if k.lower() != b"max-forwards"]
         out.append((b"Max-Forwards", str(max(mf - 1, 0)).encode()))
     if reverse is not None:
-        out.extend(forwarding_headers(head, host, reverse))
+        # Forwarded host= and X-Forwarded-Host carry the Host the client sent (RFC 7239
+        # section 5.4), also when preserve_host = false rewrites Host for the backend.
+        out.extend(forwarding_headers(head, head.get(b"host") or host, reverse))
     out.append((b"Via", via_value(head.version, pseudonym)))
     if keep_upgrade:
         out.append((b"Connection", b"upgrade"))

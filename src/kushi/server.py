@@ -169,6 +169,12 @@ class Server:
 
     async def serve_connection(self, name: str, client: Conn) -> None:
         state = self.states[name]
+        if not client.peer[0]:
+            # The peer reset the connection before it could be served (HAProxy ends its
+            # health checks so): no address to check, nobody to answer, nothing to log.
+            client.abort()
+            await client.wait_closed()
+            return
         info = ClientInfo(
             address=_plain(client.peer[0]),
             port=client.peer[1],
@@ -177,7 +183,10 @@ class Server:
         )
         try:
             if state.cfg.proxy_protocol:
-                info = await self._read_proxy_header(state, client, info)
+                with_header = await self._read_proxy_header(state, client, info)
+                if with_header is None:
+                    return  # closed before its first byte: a load balancer's health check
+                info = with_header
             limit_error = self._over_limit(info.address)
             self.per_client[info.address] += 1
             try:
@@ -236,7 +245,9 @@ class Server:
 
     async def _read_proxy_header(
         self, state: ListenerState, client: Conn, info: ClientInfo
-    ) -> ClientInfo:
+    ) -> ClientInfo | None:
+        """The client as the PROXY header names it; None when the connection ended (or was
+        reset) before sending a single byte -- a TCP health check, not a protocol error."""
         peer = client_address(info.address)
         if peer is None or not in_networks(peer, state.proxy_protocol_from):
             raise ProxyProtocolError(f"PROXY header from untrusted address {info.address}")
@@ -248,6 +259,8 @@ class Server:
                     del client.buf[:used]
                     break
                 if not await client.fill(536):
+                    if not client.buf:
+                        return None
                     raise ProxyProtocolError("connection closed inside the PROXY header")
         if header.command == "LOCAL" or header.src is None:
             return info
@@ -370,6 +383,7 @@ async def run_server(
     pseudonym: str | None = None,
     extra_start: Callable[[Server], object] | None = None,
     worker_start: Callable[[Server], object] | None = None,
+    announce: Callable[[], None] | None = None,
 ) -> int:
     """Serve in this process: ``worker_start`` runs in every worker, ``extra_start`` (the
     admin listener) in the first one only."""
@@ -385,6 +399,8 @@ async def run_server(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.reload(config.source, overrides))
+    if announce is not None:
+        announce()
     await stop.wait()
     log.info("stopping: no new connections")
     await server.shutdown()
@@ -401,14 +417,18 @@ def serve(
     sockets = bind_all(config)
     loop_name = install_event_loop()
     pseudonym = Services.build(config).pseudonym
-    for cfg in config.listeners:
-        log.info("%s", describe_listener(cfg, sockets[cfg.name]))
-    log.info("kushi ready: %d worker(s), %s event loop", config.workers, loop_name)
+
+    def announce() -> None:
+        # Said once the signal handlers are in place, so "ready" means SIGTERM is graceful.
+        for cfg in config.listeners:
+            log.info("%s", describe_listener(cfg, sockets[cfg.name]))
+        log.info("kushi ready: %d worker(s), %s event loop", config.workers, loop_name)
+
     if config.workers <= 1:
         return asyncio.run(
-            run_server(config, sockets, overrides, pseudonym, extra_start, worker_start)
+            run_server(config, sockets, overrides, pseudonym, extra_start, worker_start, announce)
         )
-    return _supervise(config, sockets, overrides, pseudonym, extra_start, worker_start)
+    return _supervise(config, sockets, overrides, pseudonym, extra_start, worker_start, announce)
 
 
 def _supervise(
@@ -418,6 +438,7 @@ def _supervise(
     pseudonym: str,
     extra_start: Callable[[Server], object] | None,
     worker_start: Callable[[Server], object] | None,
+    announce: Callable[[], None],
 ) -> int:
     """Fork ``workers`` processes that share the listening sockets; relay signals to them."""
     children: dict[int, int] = {}
@@ -444,8 +465,6 @@ def _supervise(
                 os._exit(code)
         children[pid] = index
 
-    for i in range(config.workers):
-        spawn(i)
     stopping = False
 
     def forward(sig: int, _frame: object) -> None:
@@ -458,6 +477,9 @@ def _supervise(
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    for i in range(config.workers):
+        spawn(i)
+    announce()
     status = 0
     while children:
         try:
