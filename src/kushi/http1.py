@@ -54,6 +54,10 @@ _STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7
 _FIELD_RE = re.compile(
     rb"([" + _TCHAR + rb"]+):[ \t]*((?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+)?[ \t]*"
 )
+# The whole field section in one pass (the fast path; _parse_fields explains a failure).
+_VALUE = rb"(?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+"
+_FIELD_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+):[ \t]*(" + _VALUE + rb")?[ \t]*\r\n")
+_FIELD_BLOCK_RE = re.compile(rb"(?:[" + _TCHAR + rb"]+:[ \t]*(?:" + _VALUE + rb")?[ \t]*\r\n)*")
 _DIGITS_RE = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?)")
 
@@ -121,6 +125,8 @@ class RequestHead:
     upgrade: bytes | None = None
     #: Transfer codings applied before the final chunked one (sent on upstream).
     codings: tuple[bytes, ...] = ()
+    #: The Connection field's options, lower-cased (None: not parsed, compute on use).
+    connection: frozenset[bytes] | None = None
 
     def get(self, name: bytes) -> bytes | None:
         return get_header(self.headers, name)
@@ -134,6 +140,7 @@ class ResponseHead:
     headers: list[Header]
     framing: Framing = NO_BODY
     keep_alive: bool = True
+    connection: frozenset[bytes] | None = None
 
     def get(self, name: bytes) -> bytes | None:
         return get_header(self.headers, name)
@@ -183,11 +190,16 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
 
 
 def strip_hop_by_hop(
-    headers: list[Header], *, keep: frozenset[bytes] = frozenset()
+    headers: list[Header],
+    *,
+    keep: frozenset[bytes] = frozenset(),
+    named: frozenset[bytes] | None = None,
 ) -> list[Header]:
-    """Remove hop-by-hop fields and every field named in Connection (RFC 9110 section 7.6.1)."""
-    named = connection_tokens(headers)
-    drop = (HOP_BY_HOP | named) - keep
+    """Remove hop-by-hop fields and every field named in Connection (RFC 9110 section 7.6.1);
+    ``named`` is the Connection options when the parser already has them."""
+    if named is None:
+        named = frozenset(connection_tokens(headers))
+    drop = (HOP_BY_HOP | named) - keep if named or keep else HOP_BY_HOP
     return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
@@ -219,6 +231,36 @@ def find_head_end(
             raise ResponseHeaderTooLarge(f"response head larger than {max_head} bytes")
         raise HeaderTooLarge(f"request header section larger than {max_head} bytes")
     return -1
+
+
+#: The fields whose values the parser itself needs.
+_WANTED = frozenset(
+    {b"host", b"transfer-encoding", b"content-length", b"connection", b"expect", b"upgrade"}
+)
+
+
+def _split_head(
+    head: bytes, error: type[KushiError]
+) -> tuple[bytes, list[Header], dict[bytes, list[bytes]]]:
+    """The first line, the fields, and the values of the ``_WANTED`` fields by lower-case
+    name. One regex pass validates the whole field section; only a head that fails it is
+    taken apart line by line, to say exactly what is wrong."""
+    if not head.endswith(b"\r\n\r\n"):
+        head += b"\r\n" if head.endswith(b"\r\n") else b"\r\n\r\n"
+    first_end = head.find(b"\r\n")
+    first = head[:first_end]
+    block = head[first_end + 2 : -2]
+    if _FIELD_BLOCK_RE.fullmatch(block):
+        headers: list[Header] = _FIELD_LINE_RE.findall(block)
+    else:
+        lines = _split_lines(head, error)
+        headers = _parse_fields(lines[1:], error)
+    wanted: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _WANTED:
+            wanted.setdefault(lower, []).append(value)
+    return first, headers, wanted
 
 
 def _split_lines(head: bytes, error: type[KushiError]) -> list[bytes]:
@@ -304,10 +346,12 @@ def parse_request_head(head: bytes) -> RequestHead:
     # RFC 9112 section 2.2: ignore at least one empty line before the request-line.
     while head.startswith(b"\r\n"):
         head = head[2:]
-    lines = _split_lines(head, RequestError)
-    m = _REQUEST_LINE_RE.fullmatch(lines[0])
+    first, headers, wanted = _split_head(head, RequestError)
+    m = _REQUEST_LINE_RE.fullmatch(first)
     if m is None:
-        raise RequestError(f"malformed request line {_show(lines[0])}")
+        if b"\r" in first or b"\n" in first:
+            raise RequestError("bare CR or LF in the message head")
+        raise RequestError(f"malformed request line {_show(first)}")
     method, target, version_text = m.groups()
     v = _VERSION_RE.fullmatch(version_text)
     if v is None:
@@ -317,7 +361,6 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise VersionNotSupported(f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1")
     if version[1] > 1:
         version = (1, 1)
-    headers = _parse_fields(lines[1:], RequestError)
     for name, _value in headers:
         if b"_" in name and name.lower().replace(b"_", b"-") in _FRAMING_NAMES:
             # Gateways that map "_" to "-" (CGI, WSGI) would read a second framing field.
@@ -325,7 +368,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     req = RequestHead(method, target, version, headers)
 
     # RFC 9112 section 3.2: a 1.1 request has exactly one Host field.
-    hosts = get_all(headers, b"host")
+    hosts = wanted.get(b"host", [])
     if len(hosts) > 1:
         raise RequestError("more than one Host header")
     if version == (1, 1) and not hosts:
@@ -333,8 +376,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     if hosts and hosts[0] and not valid_authority(hosts[0]):
         raise RequestError(f"invalid Host header {_show(hosts[0])}")
 
-    te = get_all(headers, b"transfer-encoding")
-    cl = get_all(headers, b"content-length")
+    te = wanted.get(b"transfer-encoding")
+    cl = wanted.get(b"content-length")
     if te:
         if version == (1, 0):
             raise RequestError("Transfer-Encoding in an HTTP/1.0 request")
@@ -352,15 +395,16 @@ def parse_request_head(head: bytes) -> RequestHead:
         length = _content_length(cl, RequestError, strict=True)
         req.framing = Framing("length", length) if length else NO_BODY
 
-    tokens = connection_tokens(headers)
+    tokens = set(split_list(wanted.get(b"connection", ())))
+    req.connection = frozenset(tokens)
     if version == (1, 1):
         req.keep_alive = b"close" not in tokens
     else:
         req.keep_alive = b"keep-alive" in tokens
-    expect = get_header(headers, b"expect")
-    req.expect_continue = expect is not None and expect.strip().lower() == b"100-continue"
-    if b"upgrade" in tokens:
-        req.upgrade = get_header(headers, b"upgrade")
+    expect = wanted.get(b"expect")
+    req.expect_continue = expect is not None and expect[0].strip().lower() == b"100-continue"
+    if b"upgrade" in tokens and b"upgrade" in wanted:
+        req.upgrade = wanted[b"upgrade"][0]
     return req
 
 
@@ -369,10 +413,12 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
 
     Raises ``UpstreamError`` (502, ``http_protocol_error``) for anything malformed or
     ambiguous: a response kushi cannot frame exactly is never passed on."""
-    lines = _split_lines(head, UpstreamError)
-    m = _STATUS_LINE_RE.fullmatch(lines[0])
+    first, headers, wanted = _split_head(head, UpstreamError)
+    m = _STATUS_LINE_RE.fullmatch(first)
     if m is None:
-        raise UpstreamError(f"malformed status line {_show(lines[0])}")
+        if b"\r" in first or b"\n" in first:
+            raise UpstreamError("bare CR or LF in the message head")
+        raise UpstreamError(f"malformed status line {_show(first)}")
     major, minor, status_text, reason_or_none = m.groups()
     reason = reason_or_none or b""
     if major != b"1":
@@ -381,13 +427,13 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     status = int(status_text)
     if status < 100:
         raise UpstreamError(f"invalid status code {status}")
-    headers = _parse_fields(lines[1:], UpstreamError)
     resp = ResponseHead(status, reason, version, headers)
-    tokens = connection_tokens(headers)
+    tokens = set(split_list(wanted.get(b"connection", ())))
+    resp.connection = frozenset(tokens)
     resp.keep_alive = (b"close" not in tokens) if version == (1, 1) else (b"keep-alive" in tokens)
 
-    te = get_all(headers, b"transfer-encoding")
-    cl = get_all(headers, b"content-length")
+    te = wanted.get(b"transfer-encoding")
+    cl = wanted.get(b"content-length")
     if te and cl:
         raise UpstreamError("response has both Content-Length and Transfer-Encoding")
     if request_method == b"HEAD" or status < 200 or status in (204, 304):

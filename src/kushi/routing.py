@@ -89,7 +89,7 @@ def upstream_request_headers(
     keep = frozenset({b"upgrade"}) if keep_upgrade else frozenset()
     headers = [
         (k, v)
-        for k, v in strip_hop_by_hop(head.headers, keep=keep)
+        for k, v in strip_hop_by_hop(head.headers, keep=keep, named=head.connection)
         if k.lower() not in FRAMING_FIELDS and k.lower() != b"host"
     ]
     if reverse is not None:
@@ -151,7 +151,7 @@ def downstream_response_headers(
     keep = frozenset({b"upgrade"}) if keep_upgrade else frozenset()
     headers = [
         (k, v)
-        for k, v in strip_hop_by_hop(resp.headers, keep=keep)
+        for k, v in strip_hop_by_hop(resp.headers, keep=keep, named=resp.connection)
         if k.lower() not in FRAMING_FIELDS
     ]
     headers.append((b"Via", via_value(resp.version, pseudonym)))
