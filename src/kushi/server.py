@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -367,6 +368,15 @@ def _plain(host: str) -> str:
     return str(addr) if addr is not None else host
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one (as nginx and Squid do): every
+    client connection costs a descriptor, and so does its upstream."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def install_event_loop() -> str:
     try:
         import uvloop
@@ -414,6 +424,7 @@ def serve(
     worker_start: Callable[[Server], object] | None = None,
 ) -> int:
     """Bind, start workers (or serve in this process) and block until stopped."""
+    raise_fd_limit()
     sockets = bind_all(config)
     loop_name = install_event_loop()
     pseudonym = Services.build(config).pseudonym
