@@ -53,7 +53,7 @@ from kushi.acl import AllowList, client_address
 from kushi.config import Address, Config
 from kushi.errors import KushiError, RequestDenied, RequestError, RequestTimeout
 from kushi.http1 import Header, RequestHead
-from kushi.netio import Conn
+from kushi.netio import Conn, serve_socket
 from kushi.proxy import PROXY_NAME, read_head
 from kushi.resolver import ip_literal
 from kushi.server import Server, StartupError, bind
@@ -288,9 +288,7 @@ class Admin:
 
     async def start(self) -> None:
         for sock in self.sockets:
-            self.listeners.append(
-                await asyncio.start_server(self._handle, sock=sock, limit=2**16, backlog=128)
-            )
+            self.listeners.append(await serve_socket(sock, self._handle, backlog=128))
         self.timeline.sample(time.time(), self.metrics.totals().requests)
         if self.allow.names:
             await self.allow.refresh(self.server.services.resolver)
@@ -332,11 +330,10 @@ class Admin:
         for task in list(self.tasks):
             task.cancel()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, conn: Conn) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
-        conn = Conn.from_streams(reader, writer)
         try:
             await self._session(conn)
         except asyncio.CancelledError:

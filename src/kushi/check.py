@@ -571,7 +571,7 @@ class Checker:
     async def _tls(self, conn: Conn, hop: Hop) -> None:
         began = time.perf_counter()
         try:
-            await conn.writer.start_tls(
+            await conn.start_tls(
                 self.tls, server_hostname=hop.url.host, ssl_handshake_timeout=self.timeout
             )
         except ssl.SSLCertVerificationError as exc:

@@ -29,7 +29,7 @@ from kushi.errors import (
     DestinationUnroutable,
     KushiError,
 )
-from kushi.netio import Conn, fmt_addr
+from kushi.netio import Conn, fmt_addr, open_conn
 from kushi.resolver import IPAddress, Resolver, ip_literal
 
 Family = Literal["ipv4", "ipv6", "nat64"]
@@ -299,11 +299,10 @@ async def _open(addr: IPAddress, port: int) -> Conn:
     try:
         sock.setblocking(False)
         await loop.sock_connect(sock, (str(addr), port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
+        return await open_conn(sock)
     except BaseException:
         sock.close()
         raise
-    return Conn.from_streams(reader, writer)
 
 
 def describe_fallbacks(upstream: Upstream) -> str:

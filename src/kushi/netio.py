@@ -1,119 +1,244 @@
 """The byte stream that the I/O shell reads and writes: one per socket, either side.
 
-A ``Conn`` wraps an asyncio stream pair with a receive buffer (a ``bytearray`` that the
-sans-IO readers in ``http1`` consume in place), the peer address, and byte counters.
-OS errors are mapped to kushi's errors where a caller needs to tell them apart.
+``Conn`` is an ``asyncio.Protocol`` that keeps what it receives in a ``bytearray``
+(``buf``), which the sans-IO readers in ``http1`` consume in place, so a pipelined
+request's bytes simply stay there for the next one. There is no StreamReader or
+StreamWriter in between: ``data_received`` appends to ``buf`` and wakes the one task
+waiting in ``fill``/``read_some``; ``drain`` waits only while the transport has paused
+writing.
+
+Flow control both ways: reading pauses while more than ``READ_HIGH`` bytes wait unread,
+and writing pauses the writer above ``HIGH_WATER`` bytes queued in the transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass, field
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 READ_SIZE = 256 * 1024
-#: Pause reading from the other side while this much is waiting to be written.
+#: Write buffer high-water mark: ``drain`` waits while more than this is queued.
 HIGH_WATER = 1024 * 1024
+#: Reading pauses while this much received data waits unconsumed in ``buf``.
+READ_HIGH = 1024 * 1024
 
 
-@dataclass(eq=False, slots=True)
-class Conn:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    peer: tuple[str, int]
-    local: tuple[str, int]
-    buf: bytearray = field(default_factory=bytearray)
-    at_eof: bool = False
-    bytes_in: int = 0
-    bytes_out: int = 0
+class Conn(asyncio.Protocol):
+    def __init__(self, on_connect: Callable[[Conn], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.at_eof = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self._on_connect = on_connect
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._lost = False
+        self._closed: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Conn {fmt_addr(*self.local)} <-> {fmt_addr(*self.peer)}>"
 
-    @classmethod
-    def from_streams(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Conn:
-        sock = writer.get_extra_info("socket")
-        peer = writer.get_extra_info("peername") or ("", 0)
-        local = writer.get_extra_info("sockname") or ("", 0)
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport subclasses, but behave as one.)
+        self.transport = cast(asyncio.Transport, transport)
+        self._closed = asyncio.get_running_loop().create_future()
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1]))
+        self.local = (str(local[0]), int(local[1]))
+        sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        return cls(reader, writer, (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.buf += data
+        if len(self.buf) > READ_HIGH and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.at_eof = True
+        self._wake()
+        return True  # keep the transport open: the other direction may still be writing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.at_eof = True
+        self._lost = True
+        self._wake()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
+            waiter.exception()  # retrieved here if nobody awaits it any more
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def _wait_data(self) -> None:
+        if self._read_paused and self.transport is not None and len(self.buf) < READ_HIGH:
+            self._read_paused = False
+            self.transport.resume_reading()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
 
     async def fill(self, size: int = READ_SIZE) -> bool:
-        """Read more into ``buf``. False at end of stream."""
-        if self.at_eof:
-            return False
-        try:
-            data = await self.reader.read(size)
-        except (ConnectionError, OSError):
-            data = b""
-        if not data:
-            self.at_eof = True
-            return False
-        self.bytes_in += len(data)
-        if self.buf:
-            self.buf += data
-        else:
-            self.buf = bytearray(data)
+        """Wait for more bytes in ``buf``. False at end of stream (nothing more will come)."""
+        del size  # the transport decides how much arrives at once
+        before = len(self.buf)
+        while len(self.buf) == before:
+            if self.at_eof:
+                return False
+            await self._wait_data()
         return True
 
     async def read_some(self, size: int = READ_SIZE) -> bytes:
-        """Buffered bytes first, then at most ``size`` fresh bytes; b"" at end of stream."""
-        if self.buf:
+        """Buffered bytes first, else the next bytes to arrive (at most ``size``); b"" at
+        the end of the stream."""
+        while not self.buf:
+            if self.at_eof:
+                return b""
+            await self._wait_data()
+        if len(self.buf) <= size:
             data = bytes(self.buf)
             self.buf.clear()
-            return data
-        if self.at_eof:
-            return b""
-        try:
-            data = await self.reader.read(size)
-        except (ConnectionError, OSError):
-            data = b""
-        if not data:
-            self.at_eof = True
-        self.bytes_in += len(data)
+        else:
+            data = bytes(self.buf[:size])
+            del self.buf[:size]
+        if self._read_paused and self.transport is not None and len(self.buf) < READ_HIGH:
+            self._read_paused = False
+            self.transport.resume_reading()
         return data
 
+    # --- writing -------------------------------------------------------------------------
+
     def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
         self.bytes_out += len(data)
-        self.writer.write(data)
+        self.transport.write(data)
 
     async def drain(self) -> None:
-        await self.writer.drain()
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiter = waiter
+        await waiter
 
     async def send(self, data: bytes) -> None:
         self.write(data)
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() > HIGH_WATER:
-            await self.writer.drain()
+        await self.drain()
+
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def write_eof(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
         try:
-            if self.writer.can_write_eof() and not self.writer.is_closing():
-                self.writer.write_eof()
+            if transport.can_write_eof():
+                transport.write_eof()
         except (OSError, RuntimeError):
             pass
 
+    # --- closing -------------------------------------------------------------------------
+
     @property
     def closed(self) -> bool:
-        return self.writer.is_closing()
+        return self.transport is None or self.transport.is_closing()
 
     def close(self) -> None:
-        if not self.writer.is_closing():
-            self.writer.close()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
     async def wait_closed(self) -> None:
         self.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    # --- TLS (kushi check) ---------------------------------------------------------------
+
+    async def start_tls(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str,
+        ssl_handshake_timeout: float | None = None,
+    ) -> None:
+        """Upgrade this connection to TLS in place (the client side)."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+        )
+        self.transport = cast(asyncio.Transport, transport)
+
+
+async def open_conn(sock: socket.socket) -> Conn:
+    """Wrap a connected, non-blocking socket."""
+    loop = asyncio.get_running_loop()
+    _transport, conn = await loop.create_connection(Conn, sock=sock)
+    return conn
+
+
+async def serve_socket(
+    sock: socket.socket,
+    handler: Callable[[Conn], Coroutine[Any, Any, None]],
+    backlog: int = 1024,
+) -> asyncio.Server:
+    """Accept on a bound, listening socket; each connection runs ``handler`` in a task."""
+    loop = asyncio.get_running_loop()
+
+    def on_connect(conn: Conn) -> None:
+        loop.create_task(handler(conn))
+
+    return await loop.create_server(lambda: Conn(on_connect), sock=sock, backlog=backlog)
 
 
 def fmt_addr(host: str, port: int) -> str:

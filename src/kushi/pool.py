@@ -31,7 +31,6 @@ class UpstreamPool:
                 and not conn.closed
                 and not conn.at_eof
                 and not conn.buf
-                and not conn.reader.at_eof()
             ):
                 return upstream
             conn.abort()
@@ -54,7 +53,7 @@ class UpstreamPool:
         for key in list(self._idle):
             keep = []
             for stamp, upstream in self._idle[key]:
-                if now - stamp < self.idle_timeout and not upstream.conn.reader.at_eof():
+                if now - stamp < self.idle_timeout and not upstream.conn.at_eof:
                     keep.append((stamp, upstream))
                 else:
                     upstream.conn.abort()

@@ -411,11 +411,15 @@ class HttpSession:
                 else:
                     body_task = asyncio.ensure_future(self.send_request_body(req, upstream))
                     resp = await self._head_while_sending(req, upstream, record, body_task)
-            except _StaleConnection:
+            except (_StaleConnection, ConnectionError, OSError) as exc:
                 upstream.conn.abort()
                 self.upstream = None
-                if attempt == 0:
+                if attempt == 0 and (reused or isinstance(exc, _StaleConnection)):
                     continue
+                if not isinstance(exc, _StaleConnection):
+                    raise ConnectionTerminated(
+                        f"upstream {upstream.next_hop} closed the connection: {exc}"
+                    ) from None
                 raise ConnectionTerminated("upstream closed the connection") from None
             break
         else:  # pragma: no cover
@@ -446,7 +450,8 @@ class HttpSession:
             head_task.cancel()
             raise
         failure = body_task.exception() if body_task.done() else None
-        if not head_task.done() and failure is not None:
+        if failure is not None and not isinstance(failure, ConnectionTerminated):
+            # A bad body or a client that left is the cause, whatever the upstream said.
             head_task.cancel()
             await asyncio.gather(head_task, return_exceptions=True)
             upstream.conn.abort()
@@ -464,14 +469,21 @@ class HttpSession:
                 # The client left mid-upload: the upstream must not take a partial body.
                 conn.abort()
                 raise ClientGone()
-            if isinstance(event, Data):
-                conn.write(http1.encode_chunk(event.data) if chunked else event.data)
-                await conn.drain()
-                continue
-            if chunked:
-                trailers = [(k, v) for k, v in event.trailers if k.lower() not in http1.HOP_BY_HOP]
-                conn.write(http1.encode_last_chunk(trailers))
-                await conn.drain()
+            try:
+                if isinstance(event, Data):
+                    conn.write(http1.encode_chunk(event.data) if chunked else event.data)
+                    await conn.drain()
+                    continue
+                if chunked:
+                    trailers = [
+                        (k, v) for k, v in event.trailers if k.lower() not in http1.HOP_BY_HOP
+                    ]
+                    conn.write(http1.encode_last_chunk(trailers))
+                    await conn.drain()
+            except (ConnectionError, OSError):
+                raise ConnectionTerminated(
+                    f"upstream {upstream.next_hop} closed the connection during the request body"
+                ) from None
             self._body_done = True
             return
 
@@ -509,12 +521,18 @@ class HttpSession:
                         )
                         data = http1.serialize_response_head(resp.status, resp.reason, headers)
                         self.client.write(data)
-                        await self.client.drain()
+                        await self._client_drain()
         except TimeoutError:
             raise ResponseTimeout(
                 f"upstream {upstream.next_hop} sent no response head within "
                 f"{self.config.timeouts.upstream_header:g} s"
             ) from None
+
+    async def _client_drain(self) -> None:
+        try:
+            await self.client.drain()
+        except (ConnectionError, OSError):
+            raise ClientGone() from None
 
     def _status_value(self, upstream: Upstream, status: int | None) -> bytes:
         """Proxy-Status for a response from ``upstream``: the next hop actually used, the
@@ -556,7 +574,7 @@ class HttpSession:
         if switching:
             headers.append((b"Connection", b"upgrade"))
             self.client.write(http1.serialize_response_head(resp.status, resp.reason, headers))
-            await self.client.drain()
+            await self._client_drain()
             upstream.conn.buf, pending = bytearray(), bytes(upstream.conn.buf)
             if pending:
                 self.client.write(pending)
@@ -613,11 +631,8 @@ class HttpSession:
                     )
                     self.client.write(data)
                     record.bytes_out += len(data)
-                    if self.client.writer.transport.get_write_buffer_size() > 1 << 20:
-                        try:
-                            await self.client.drain()
-                        except (ConnectionError, OSError):
-                            raise ClientGone() from None
+                    if self.client.write_buffer_size() > 1 << 20:
+                        await self._client_drain()
                     if self.client.closed:
                         raise ClientGone()
                     continue
@@ -629,10 +644,7 @@ class HttpSession:
                     self.client.write(data)
                     record.bytes_out += len(data)
                 break
-        try:
-            await self.client.drain()
-        except (ConnectionError, OSError):
-            raise ClientGone() from None
+        await self._client_drain()
 
         body_complete = body_task is None
         if body_task is not None:
@@ -681,10 +693,10 @@ class HttpSession:
         self.client.write(head)
         record.bytes_out += len(head)
         try:
-            await self.client.drain()
-        except (ConnectionError, OSError):
+            await self._client_drain()
+        except ClientGone:
             upstream.conn.abort()
-            raise ClientGone() from None
+            raise
         _up, down = await self.services.relay(self.client, upstream.conn)
         record.bytes_out += down
         upstream.conn.close()
@@ -707,7 +719,7 @@ class HttpSession:
             data += body
         await self._drain_request_body(req)
         self.client.write(data)
-        await self.client.drain()
+        await self._client_drain()
         record.status = status
         record.bytes_out += len(data)
         return req.keep_alive
@@ -739,7 +751,7 @@ class HttpSession:
         await self._drain_request_body(req)
         data = http1.serialize_response_head(200, b"", headers) + body
         self.client.write(data)
-        await self.client.drain()
+        await self._client_drain()
         record.status = 200
         record.bytes_out += len(data)
         return req.keep_alive

@@ -25,8 +25,9 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 from kushi import http1
 from kushi.accesslog import AccessRecord, describe_path
@@ -39,7 +40,7 @@ from kushi.errors import (
     RequestDenied,
     TooManyConnections,
 )
-from kushi.netio import Conn
+from kushi.netio import Conn, serve_socket
 from kushi.proxy import PROXY_NAME, HttpSession
 from kushi.proxyproto import parse as parse_proxy_header
 from kushi.routing import ClientInfo
@@ -148,21 +149,17 @@ class Server:
     async def start(self) -> None:
         for cfg in self.config.listeners:
             for sock in self.sockets[cfg.name]:
-                server = await asyncio.start_server(
-                    self._handler(cfg.name), sock=sock, limit=2**20, backlog=1024
-                )
+                server = await serve_socket(sock, self._handler(cfg.name))
                 self.servers.append(server)
         self.background.append(asyncio.ensure_future(self._housekeeping()))
 
-    def _handler(
-        self, name: str
-    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _handler(self, name: str) -> Callable[[Conn], Coroutine[Any, Any, None]]:
+        async def handle(conn: Conn) -> None:
             task = asyncio.current_task()
             assert task is not None
             self.connections.add(task)
             try:
-                await self.serve_connection(name, Conn.from_streams(reader, writer))
+                await self.serve_connection(name, conn)
             finally:
                 self.connections.discard(task)
 

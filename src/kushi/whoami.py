@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 from kushi import http1
 from kushi.config import Address, parse_hostport
 from kushi.errors import ConfigError, KushiError, RequestError, RequestTimeout
-from kushi.netio import Conn, fmt_addr
+from kushi.netio import Conn, fmt_addr, serve_socket
 from kushi.resolver import ip_literal
 
 SERVER_NAME = "kushi whoami"
@@ -210,11 +210,10 @@ class WhoamiServer:
         self.out.write(log_line(client, family, method, target, status) + "\n")
         self.out.flush()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, conn: Conn) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.tasks.add(task)
-        conn = Conn.from_streams(reader, writer)
         try:
             await self.serve(conn)
         except (ConnectionError, OSError):
@@ -307,7 +306,7 @@ def parse_listen(values: Sequence[str] | None) -> list[Address]:
 
 async def _serve(sockets: list[socket.socket], out: TextIO) -> int:
     app = WhoamiServer(out)
-    servers = [await asyncio.start_server(app.handle, sock=sock, limit=2**20) for sock in sockets]
+    servers = [await serve_socket(sock, app.handle) for sock in sockets]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
