@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -116,6 +117,7 @@ class Metrics:
 
     def __init__(self, *, multiprocess_dir: str | None = None) -> None:
         self.multiprocess_dir = multiprocess_dir
+        self._children: dict[tuple[Any, ...], Any] = {}
         registry = self.registry = CollectorRegistry()
         self.requests = Counter(
             "kushi_requests",
@@ -209,29 +211,33 @@ class Metrics:
             )
             self._sources = [collector]
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per label set (labels() is slow)."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def observe(self, record: AccessRecord) -> None:
         """Count one finished request or tunnel (a ``Services.hooks`` callable)."""
         family = family_label(record.family)
-        self.requests.labels(
-            listener=record.listener,
-            mode=record.mode,
-            family=family,
-            status_class=status_class(record.status),
+        self._child(
+            self.requests, record.listener, record.mode, family, status_class(record.status)
         ).inc()
         if is_tunnel(record):
-            self.tunnels.labels(listener=record.listener, mode=record.mode, family=family).inc()
+            self._child(self.tunnels, record.listener, record.mode, family).inc()
         if record.bytes_in:
-            self.bytes.labels(direction="client_to_upstream", family=family).inc(record.bytes_in)
+            self._child(self.bytes, "client_to_upstream", family).inc(record.bytes_in)
         if record.bytes_out:
-            self.bytes.labels(direction="upstream_to_client", family=family).inc(record.bytes_out)
+            self._child(self.bytes, "upstream_to_client", family).inc(record.bytes_out)
         if record.error:
             self.errors.labels(error_type=record.error).inc()
         seconds = connect_seconds(record)
         if seconds is not None:
             self.connect_time.labels(family=family).observe(seconds)
-        # A request sent down a reused connection repeats the attempts that opened it; once
-        # records say which connections are new (connect_ms), only those count.
-        if seconds is not None or not hasattr(record, "connect_ms"):
+        # Only a new connection has attempts of its own (connect_ms is 0 on a reused one).
+        if seconds is not None:
             fallback = fallback_of(record)
             if fallback is not None:
                 self.fallbacks.labels(from_family=fallback[0], to_family=fallback[1]).inc()
