@@ -282,7 +282,7 @@ class HttpSession:
                 port=target.port,
                 host_header=target.authority.encode("ascii"),
                 path=target.path,
-                pool_key=("fwd", target.host, target.port, state.policy),
+                pool_key=("fwd", target.host, target.port, state.pool_tag),
                 display=req.target.decode("ascii", "replace"),
             )
             return await self.forward(req, route, state, record, reverse=None)
@@ -321,7 +321,7 @@ class HttpSession:
         for backend in state.backends.candidates():
             if not state.cfg.preserve_host or not host_header:
                 host_header = str(backend).encode() if backend.port != 80 else backend.host.encode()
-            key: tuple[object, ...] = ("rev", backend.host, backend.port, state.policy)
+            key: tuple[object, ...] = ("rev", backend.host, backend.port, state.pool_tag)
             if state.cfg.backend_proxy_protocol:
                 # The PROXY header names one client: never share that connection.
                 key = (*key, self.serial)

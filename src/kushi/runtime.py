@@ -94,6 +94,9 @@ class ListenerState:
                 if name in self.allow.resolved:
                     self.allow.resolved[name] = addrs
         self.policy = egress_policy(cfg, config)
+        # Pooled connections are shared only under the same egress policy (a string: its
+        # hash is cached, unlike the policy's networks).
+        self.pool_tag = repr(self.policy)
         self.access_log = AccessLog(cfg.access_log, cfg.access_log_format)
         self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
         self.trusted = cfg.trusted_proxies
