@@ -46,6 +46,18 @@ TLS_NAMES = (
 )
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-soak", action="store_true", default=False, help="run tests marked soak (make soak)"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``soak`` run only with ``--run-soak``."""
+    if item.get_closest_marker("soak") and not item.config.getoption("--run-soak"):
+        pytest.skip("soak test: run with --run-soak (make soak)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that use a namespace topology get the ``netns`` marker automatically."""
     for item in items:

@@ -220,7 +220,8 @@ class HttpSession:
     async def _answer_error(
         self, exc: KushiError, record: AccessRecord, req: RequestHead | None
     ) -> bool:
-        record.status = exc.status
+        if not record.bytes_out:
+            record.status = exc.status  # (once a head went out, its status is what was sent)
         record.error = exc.error_type
         record.details = exc.details
         record.attempts = record.attempts or list(exc.attempts)
@@ -427,8 +428,9 @@ class HttpSession:
         try:
             return await self.relay_response(req, resp, upstream, body_task, record, upgrade)
         finally:
-            if body_task is not None and not body_task.done():
-                body_task.cancel()
+            if body_task is not None:
+                if not body_task.done():
+                    body_task.cancel()
                 await asyncio.gather(body_task, return_exceptions=True)
 
     async def _head_while_sending(
@@ -457,7 +459,12 @@ class HttpSession:
             upstream.conn.abort()
             self.upstream = None
             raise failure
-        return await head_task
+        try:
+            return await head_task
+        except BaseException:
+            body_task.cancel()
+            await asyncio.gather(body_task, return_exceptions=True)
+            raise
 
     async def send_request_body(self, req: RequestHead, upstream: Upstream) -> None:
         reader = http1.body_reader(req.framing, RequestError)

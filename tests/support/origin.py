@@ -498,6 +498,9 @@ class Origin:
     async def handle_conn(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # A head and body written separately must not wait out a delayed ACK.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn_count += 1
         try:
             peer = conn.getpeername()
