@@ -1,0 +1,1 @@
+"""Benchmark harness for kushi: ``python -m bench.run`` (see bench/README.md)."""
