@@ -288,7 +288,7 @@ class Admin:
 
     async def start(self) -> None:
         for sock in self.sockets:
-            self.listeners.append(await serve_socket(sock, self._handle, backlog=128))
+            self.listeners.append(await serve_socket(sock, self._handle, self.tasks, backlog=128))
         self.timeline.sample(time.time(), self.metrics.totals().requests)
         if self.allow.names:
             await self.allow.refresh(self.server.services.resolver)
@@ -331,9 +331,6 @@ class Admin:
             task.cancel()
 
     async def _handle(self, conn: Conn) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
         try:
             await self._session(conn)
         except asyncio.CancelledError:
@@ -343,7 +340,6 @@ class Admin:
             log.exception("admin: request from %s failed", conn.peer[0])
             conn.abort()
         finally:
-            self.tasks.discard(task)
             await conn.wait_closed()
 
     async def _session(self, conn: Conn) -> None:

@@ -230,13 +230,17 @@ async def open_conn(sock: socket.socket) -> Conn:
 async def serve_socket(
     sock: socket.socket,
     handler: Callable[[Conn], Coroutine[Any, Any, None]],
+    tasks: set[asyncio.Task[None]],
     backlog: int = 1024,
 ) -> asyncio.Server:
-    """Accept on a bound, listening socket; each connection runs ``handler`` in a task."""
+    """Accept on a bound, listening socket; each connection runs ``handler`` in a task,
+    which is in ``tasks`` while it runs (for limits and graceful shutdown)."""
     loop = asyncio.get_running_loop()
 
     def on_connect(conn: Conn) -> None:
-        loop.create_task(handler(conn))
+        task = loop.create_task(handler(conn))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     return await loop.create_server(lambda: Conn(on_connect), sock=sock, backlog=backlog)
 

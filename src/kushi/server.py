@@ -149,19 +149,13 @@ class Server:
     async def start(self) -> None:
         for cfg in self.config.listeners:
             for sock in self.sockets[cfg.name]:
-                server = await serve_socket(sock, self._handler(cfg.name))
+                server = await serve_socket(sock, self._handler(cfg.name), self.connections)
                 self.servers.append(server)
         self.background.append(asyncio.ensure_future(self._housekeeping()))
 
     def _handler(self, name: str) -> Callable[[Conn], Coroutine[Any, Any, None]]:
         async def handle(conn: Conn) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self.connections.add(task)
-            try:
-                await self.serve_connection(name, conn)
-            finally:
-                self.connections.discard(task)
+            await self.serve_connection(name, conn)
 
         return handle
 

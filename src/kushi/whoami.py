@@ -211,15 +211,11 @@ class WhoamiServer:
         self.out.flush()
 
     async def handle(self, conn: Conn) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
         try:
             await self.serve(conn)
         except (ConnectionError, OSError):
             conn.abort()
         finally:
-            self.tasks.discard(task)
             await conn.wait_closed()
 
     async def serve(self, conn: Conn) -> None:
@@ -306,7 +302,7 @@ def parse_listen(values: Sequence[str] | None) -> list[Address]:
 
 async def _serve(sockets: list[socket.socket], out: TextIO) -> int:
     app = WhoamiServer(out)
-    servers = [await serve_socket(sock, app.handle) for sock in sockets]
+    servers = [await serve_socket(sock, app.handle, app.tasks) for sock in sockets]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
