@@ -147,6 +147,10 @@ class Server:
         self.on_reload: list[Callable[[Config], None]] = []
 
     async def start(self) -> None:
+        # Host names in allow lists are resolved before the first client is accepted.
+        for state in self.states.values():
+            if state.allow.names:
+                await state.allow.refresh(self.services.resolver)
         for cfg in self.config.listeners:
             for sock in self.sockets[cfg.name]:
                 server = await serve_socket(sock, self._handler(cfg.name), self.connections)
@@ -319,8 +323,12 @@ class Server:
         for cfg in new.listeners:
             if cfg.name in self.states and cfg.listen == self.states[cfg.name].cfg.listen:
                 old = self.states[cfg.name]
-                self.states[cfg.name] = ListenerState(cfg, new, previous=old)
+                state = self.states[cfg.name] = ListenerState(cfg, new, previous=old)
                 old.close()
+                if state.allow.names:
+                    self.background.append(
+                        asyncio.ensure_future(state.allow.refresh(self.services.resolver))
+                    )
         self.config = replace(new, listeners=tuple(self.states[n].cfg for n in self.states))
         self.services.config = self.config
         self.reloads += 1
