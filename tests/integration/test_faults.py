@@ -25,7 +25,6 @@ One kushi serves the whole module (the last test inspects what it wrote).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ import pytest
 
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import OriginProcess, pattern_bytes, pattern_chunks
+from support.procstat import fd_count, settled_fd_count, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,29 +42,6 @@ RST_LINGER = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: clo
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.02)
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def settled_fd_count(pid: int) -> int:
-    """The fd count once it has stayed the same for 0.2 s."""
-    last = fd_count(pid)
-    for _ in range(50):
-        time.sleep(0.2)
-        now = fd_count(pid)
-        if now == last:
-            return now
-        last = now
-    return last
 
 
 class Client:

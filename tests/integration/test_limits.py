@@ -16,7 +16,6 @@ client socket before ``connect``.
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import statistics
@@ -30,6 +29,7 @@ import pytest
 
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import ONE_K, OriginProcess
+from support.procstat import fd_count, settled_fd_count, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,29 +50,6 @@ def start_kushi(workdir: Path, **settings: Any) -> tuple[Kushi, int]:
     path = workdir / f"kushi-{port}.toml"
     write_toml(path, top)
     return Kushi(["serve", "--config", str(path)], workdir, [("127.0.0.1", port)]), port
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.02)
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def settled_fd_count(pid: int) -> int:
-    """The fd count once it has stayed the same for 0.2 s (closes still under way end)."""
-    last = fd_count(pid)
-    for _ in range(50):
-        time.sleep(0.2)
-        now = fd_count(pid)
-        if now == last:
-            return now
-        last = now
-    return last
 
 
 class Client:

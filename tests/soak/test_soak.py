@@ -35,6 +35,7 @@ import pytest
 
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import ONE_K, OriginProcess, pattern_bytes, pattern_chunks, pattern_sha256
+from support.procstat import fd_count, rss_bytes, settled_fd_count
 
 SOAK_SECONDS = float(os.environ.get("KUSHI_SOAK_SECONDS", "60"))
 WORKERS = 16
@@ -44,30 +45,6 @@ RSS_SLACK = 20 * MiB
 
 
 # --- measuring kushi ---------------------------------------------------------------------------
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def settled_fd_count(pid: int) -> int:
-    """The fd count once it has stayed the same for 0.2 s."""
-    last = fd_count(pid)
-    for _ in range(50):
-        time.sleep(0.2)
-        now = fd_count(pid)
-        if now == last:
-            return now
-        last = now
-    return last
 
 
 # --- the far ends --------------------------------------------------------------------------------
