@@ -163,10 +163,6 @@ class Conn(asyncio.Protocol):
         self._drain_waiter = waiter
         await waiter
 
-    async def send(self, data: bytes) -> None:
-        self.write(data)
-        await self.drain()
-
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
 

@@ -67,7 +67,6 @@ class Route:
     host_header: bytes
     path: bytes
     pool_key: tuple[object, ...]
-    display: str
 
 
 async def read_head(
@@ -284,7 +283,6 @@ class HttpSession:
                 host_header=target.authority.encode("ascii"),
                 path=target.path,
                 pool_key=("fwd", target.host, target.port, state.pool_tag),
-                display=req.target.decode("ascii", "replace"),
             )
             return await self.forward(req, route, state, record, reverse=None)
         # reverse
@@ -333,7 +331,6 @@ class HttpSession:
                 host_header,
                 target.path,
                 key,
-                target.path.decode("latin-1"),
             )
             try:
                 keep = await self.forward(req, route, state, record, reverse=self.info)
