@@ -412,7 +412,10 @@ class HttpSession:
             except (_StaleConnection, ConnectionError, OSError) as exc:
                 upstream.conn.abort()
                 self.upstream = None
-                if attempt == 0 and (reused or isinstance(exc, _StaleConnection)):
+                # Retry once on a fresh connection only when nothing of the request can
+                # have been consumed: no body, and a pooled connection the server had closed.
+                retry = reused or isinstance(exc, _StaleConnection)
+                if attempt == 0 and req.framing.kind == "none" and retry:
                     continue
                 if not isinstance(exc, _StaleConnection):
                     raise ConnectionTerminated(
