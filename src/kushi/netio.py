@@ -106,26 +106,33 @@ class Conn(asyncio.Protocol):
 
     # --- reading -------------------------------------------------------------------------
 
-    async def _wait_data(self) -> None:
+    async def _wait_data(self, deadline: float | None = None) -> None:
+        """Wait for the next bytes (or end of stream); ``TimeoutError`` at ``deadline``
+        (event-loop time). One timer handle, armed only when there is a wait."""
         if self._read_paused and self.transport is not None and len(self.buf) < READ_HIGH:
             self._read_paused = False
             self.transport.resume_reading()
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiter = waiter
+        timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:
             await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
 
-    async def fill(self, size: int = READ_SIZE) -> bool:
-        """Wait for more bytes in ``buf``. False at end of stream (nothing more will come)."""
+    async def fill(self, size: int = READ_SIZE, deadline: float | None = None) -> bool:
+        """Wait for more bytes in ``buf``. False at end of stream (nothing more will come);
+        ``TimeoutError`` if none came by ``deadline`` (event-loop time)."""
         del size  # the transport decides how much arrives at once
         before = len(self.buf)
         while len(self.buf) == before:
             if self.at_eof:
                 return False
-            await self._wait_data()
+            await self._wait_data(deadline)
         return True
 
     async def read_some(self, size: int = READ_SIZE) -> bytes:
@@ -239,6 +246,11 @@ async def serve_socket(
         task.add_done_callback(tasks.discard)
 
     return await loop.create_server(lambda: Conn(on_connect), sock=sock, backlog=backlog)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def fmt_addr(host: str, port: int) -> str:

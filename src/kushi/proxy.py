@@ -70,16 +70,22 @@ class Route:
 
 
 async def read_head(
-    conn: Conn, max_line: int, max_head: int, *, response: bool = False
+    conn: Conn,
+    max_line: int,
+    max_head: int,
+    *,
+    response: bool = False,
+    deadline: float | None = None,
 ) -> bytes | None:
-    """The next message head from ``conn``; None at a clean end of stream before any byte."""
+    """The next message head from ``conn``; None at a clean end of stream before any byte;
+    ``TimeoutError`` when it is not complete by ``deadline`` (event-loop time)."""
     while True:
         end = http1.find_head_end(conn.buf, max_line, max_head, response=response)
         if end >= 0:
             head = bytes(conn.buf[:end])
             del conn.buf[:end]
             return head
-        if not await conn.fill():
+        if not await conn.fill(deadline=deadline):
             if conn.buf.strip(b"\r\n"):
                 if response:
                     raise ResponseIncomplete(
@@ -123,6 +129,7 @@ class HttpSession:
         self.client = client
         self.info = info
         self.config = services.config
+        self.loop = asyncio.get_running_loop()
         self.upstream: Upstream | None = None  # the one in use by the current request
         self._current_key: tuple[object, ...] | None = None
         self.serial = next(_SESSION_SERIAL)
@@ -153,10 +160,12 @@ class HttpSession:
             consumed_before = self.client.bytes_in - len(self.client.buf)
             self.services.idle.add(self)
             try:
-                async with asyncio.timeout(timeout):
-                    head_bytes = await read_head(
-                        self.client, limits.max_request_line, limits.max_header_bytes
-                    )
+                head_bytes = await read_head(
+                    self.client,
+                    limits.max_request_line,
+                    limits.max_header_bytes,
+                    deadline=self.loop.time() + timeout,
+                )
             except TimeoutError:
                 if self.client.buf:
                     await self._fail_early(
@@ -499,36 +508,36 @@ class HttpSession:
     ) -> ResponseHead:
         limits = self.config.limits
         conn = upstream.conn
+        deadline = self.loop.time() + self.config.timeouts.upstream_header
         try:
-            async with asyncio.timeout(self.config.timeouts.upstream_header):
-                while True:
-                    before = conn.bytes_in
-                    head = await read_head(
-                        conn, limits.max_request_line, limits.max_header_bytes, response=True
+            while True:
+                before = conn.bytes_in
+                head = await read_head(
+                    conn,
+                    limits.max_request_line,
+                    limits.max_header_bytes,
+                    response=True,
+                    deadline=deadline,
+                )
+                if head is None:
+                    if expect_reuse and before == 0 or (expect_reuse and conn.bytes_in == before):
+                        raise _StaleConnection()
+                    raise ConnectionTerminated(
+                        f"upstream {upstream.next_hop} closed the connection without a response"
                     )
-                    if head is None:
-                        if (
-                            expect_reuse
-                            and before == 0
-                            or (expect_reuse and conn.bytes_in == before)
-                        ):
-                            raise _StaleConnection()
-                        raise ConnectionTerminated(
-                            f"upstream {upstream.next_hop} closed the connection without a response"
-                        )
-                    resp = http1.parse_response_head(head, req.method)
-                    if resp.status >= 200 or resp.status == 101:
-                        return resp
-                    # 1xx interim responses (100 Continue, 103 Early Hints) go to 1.1 clients.
-                    if req.version == (1, 1):
-                        headers = downstream_response_headers(
-                            resp,
-                            pseudonym=self.services.pseudonym,
-                            proxy_status=self._status_value(upstream, resp.status),
-                        )
-                        data = http1.serialize_response_head(resp.status, resp.reason, headers)
-                        self.client.write(data)
-                        await self._client_drain()
+                resp = http1.parse_response_head(head, req.method)
+                if resp.status >= 200 or resp.status == 101:
+                    return resp
+                # 1xx interim responses (100 Continue, 103 Early Hints) go to 1.1 clients.
+                if req.version == (1, 1):
+                    headers = downstream_response_headers(
+                        resp,
+                        pseudonym=self.services.pseudonym,
+                        proxy_status=self._status_value(upstream, resp.status),
+                    )
+                    data = http1.serialize_response_head(resp.status, resp.reason, headers)
+                    self.client.write(data)
+                    await self._client_drain()
         except TimeoutError:
             raise ResponseTimeout(
                 f"upstream {upstream.next_hop} sent no response head within "
