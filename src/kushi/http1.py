@@ -57,7 +57,6 @@ _FIELD_RE = re.compile(
 # The whole field section in one pass (the fast path; _parse_fields explains a failure).
 _VALUE = rb"(?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+"
 _FIELD_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+):[ \t]*(" + _VALUE + rb")?[ \t]*\r\n")
-_FIELD_BLOCK_RE = re.compile(rb"(?:[" + _TCHAR + rb"]+:[ \t]*(?:" + _VALUE + rb")?[ \t]*\r\n)*")
 _DIGITS_RE = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?)")
 
@@ -250,8 +249,11 @@ def _split_head(
     first_end = head.find(b"\r\n")
     first = head[:first_end]
     block = head[first_end + 2 : -2]
-    if _FIELD_BLOCK_RE.fullmatch(block):
-        headers: list[Header] = _FIELD_LINE_RE.findall(block)
+    # split() yields [gap, name, value, gap, name, value, ..., gap]: the fields cover the
+    # section exactly when every gap is empty.
+    parts = _FIELD_LINE_RE.split(block)
+    if not any(parts[0::3]):
+        headers: list[Header] = list(zip(parts[1::3], [v or b"" for v in parts[2::3]], strict=True))
     else:
         lines = _split_lines(head, error)
         headers = _parse_fields(lines[1:], error)
