@@ -196,10 +196,22 @@ def strip_hop_by_hop(
 ) -> list[Header]:
     """Remove hop-by-hop fields and every field named in Connection (RFC 9110 section 7.6.1);
     ``named`` is the Connection options when the parser already has them."""
+    drop = drop_set(headers, named, keep)
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def drop_set(
+    headers: list[Header],
+    named: frozenset[bytes] | None = None,
+    keep: frozenset[bytes] = frozenset(),
+    base: frozenset[bytes] = HOP_BY_HOP,
+) -> frozenset[bytes]:
+    """The lower-case names a hop removes: ``base`` (hop-by-hop fields) plus every field the
+    Connection header names, less ``keep``."""
     if named is None:
         named = frozenset(connection_tokens(headers))
-    drop = (HOP_BY_HOP | named) - keep if named or keep else HOP_BY_HOP
-    return [(k, v) for k, v in headers if k.lower() not in drop]
+    drop = base | named if named else base
+    return drop - keep if keep else drop
 
 
 # --- heads -------------------------------------------------------------------------------

@@ -13,17 +13,24 @@ import ipaddress
 from dataclasses import dataclass
 
 from kushi.http1 import (
+    HOP_BY_HOP,
     Header,
     RequestHead,
     ResponseHead,
+    drop_set,
     get_all,
-    strip_hop_by_hop,
 )
 
 FORWARDING_FIELDS = frozenset(
     {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
 )
 FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+# What never crosses kushi as it came: hop-by-hop fields (RFC 9110 section 7.6.1) and the
+# framing fields, which the caller sets for the body as kushi re-frames it (and Host, which
+# the request side sets for the target).
+_RESPONSE_DROP = HOP_BY_HOP | FRAMING_FIELDS
+_REQUEST_DROP = _RESPONSE_DROP | {b"host"}
+_UPGRADE = frozenset({b"upgrade"})
 
 
 def via_value(version: tuple[int, int], pseudonym: str) -> bytes:
@@ -86,18 +93,16 @@ def upstream_request_headers(
     keep_upgrade: bool = False,
 ) -> list[Header]:
     """The fields to send upstream, without framing fields (the caller adds them)."""
-    keep = frozenset({b"upgrade"}) if keep_upgrade else frozenset()
-    headers = [
-        (k, v)
-        for k, v in strip_hop_by_hop(head.headers, keep=keep, named=head.connection)
-        if k.lower() not in FRAMING_FIELDS and k.lower() != b"host"
-    ]
+    drop = drop_set(
+        head.headers, head.connection, _UPGRADE if keep_upgrade else frozenset(), _REQUEST_DROP
+    )
+    headers = [(k, v) for k, v in head.headers if k.lower() not in drop]
     if reverse is not None:
         # Forwarded and X-Forwarded-For are rebuilt below (extending a trusted proxy's);
         # the rest of an untrusted client's forwarding fields are dropped.
-        drop = FORWARDING_FIELDS if not reverse.trusted else {b"forwarded", b"x-forwarded-for"}
+        rebuilt = FORWARDING_FIELDS if not reverse.trusted else {b"forwarded", b"x-forwarded-for"}
         # X_Forwarded_For reads as X-Forwarded-For to gateways that map "_" to "-".
-        headers = [(k, v) for k, v in headers if k.lower().replace(b"_", b"-") not in drop]
+        headers = [(k, v) for k, v in headers if k.lower().replace(b"_", b"-") not in rebuilt]
     out: list[Header] = [(b"Host", host)]
     out.extend(headers)
     mf = max_forwards(head)
@@ -148,12 +153,10 @@ def downstream_response_headers(
     keep_upgrade: bool = False,
 ) -> list[Header]:
     """The fields to send to the client, without framing and Connection fields."""
-    keep = frozenset({b"upgrade"}) if keep_upgrade else frozenset()
-    headers = [
-        (k, v)
-        for k, v in strip_hop_by_hop(resp.headers, keep=keep, named=resp.connection)
-        if k.lower() not in FRAMING_FIELDS
-    ]
+    drop = drop_set(
+        resp.headers, resp.connection, _UPGRADE if keep_upgrade else frozenset(), _RESPONSE_DROP
+    )
+    headers = [(k, v) for k, v in resp.headers if k.lower() not in drop]
     headers.append((b"Via", via_value(resp.version, pseudonym)))
     headers.append((b"Proxy-Status", proxy_status))
     return headers
