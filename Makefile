@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl
 BENCH_SYSPKGS := wrk apache2-utils nginx-light squid tinyproxy curl
 
-.PHONY: run test lint unit sysdeps bench bench-quick soak clean
+.PHONY: run test lint unit sysdeps bench bench-quick bench-profile soak clean
 
 $(BIN)/kushi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(VENV)/.test-deps
 bench-quick: $(VENV)/.test-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
+
+bench-profile: $(VENV)/.test-deps
+	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
+	$(BIN)/python -m bench.profile $(BENCH_ARGS)
 
 soak: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q -m soak --run-soak tests $(PYTEST_ARGS)
