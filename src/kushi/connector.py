@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from kushi.config import EgressPolicy as EgressMode
 from kushi.errors import (
     ConnectionRefused,
     ConnectionTimeout,
@@ -37,7 +38,7 @@ Family = Literal["ipv4", "ipv6", "nat64"]
 
 @dataclass(frozen=True, slots=True)
 class EgressPolicy:
-    mode: Literal["prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only"] = "prefer-ipv6"
+    mode: EgressMode = "prefer-ipv6"
     nat64: Literal["allow", "refuse"] = "allow"
     nat64_prefixes: tuple[ipaddress.IPv6Network, ...] = (ipaddress.IPv6Network("64:ff9b::/96"),)
     attempt_delay: float = 0.25
