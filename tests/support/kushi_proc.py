@@ -125,7 +125,10 @@ class Kushi:
         return self.stderr_path.read_text(errors="replace")
 
     def log_lines(self) -> list[str]:
-        return [line for line in self.stdout.splitlines() if line.strip()]
+        """Complete lines only: kushi may be writing the last one as we read."""
+        text = self.stdout
+        text = text[: text.rfind("\n") + 1]
+        return [line for line in text.splitlines() if line.strip()]
 
     def json_records(self) -> list[dict[str, Any]]:
         out = []
