@@ -56,7 +56,10 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
         "--log-level", choices=("debug", "info", "warning", "error"), help="[default: info]"
     )
     p.add_argument(
-        "--workers", type=int, metavar="N", help="worker processes (0: one per core) [default: 1]"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the listeners [default: 0, one per core]",
     )
     p.add_argument(
         "--nat64",

@@ -141,7 +141,8 @@ class Listener:
 class Config:
     listeners: tuple[Listener, ...]
     log_level: str = "info"
-    workers: int = 1
+    #: Worker processes sharing the listeners; one per core unless set.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     dns_cache_ttl: float = 30.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)

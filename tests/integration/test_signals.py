@@ -227,3 +227,46 @@ def test_sighup_with_broken_file_is_logged_and_old_config_keeps_working(
     with Raw(running.port) as fresh:
         assert fresh.get(origin.url("/1k"))[0] == 200
     assert running.kushi.proc.poll() is None
+
+
+def _status_via(port: int, url: str) -> int:
+    """One request on a new client connection (so any worker may take it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def test_workers_share_the_listener_and_all_reload_and_stop(
+    tmp_path: Path, origin: OriginProcess
+) -> None:
+    """workers = 2: both serve, SIGHUP reaches both, SIGTERM stops both and exits 0."""
+    port = free_port()
+    config = tmp_path / "kushi.toml"
+    top = {
+        "listen": [f"127.0.0.1:{port}"],
+        "allow": ["127.0.0.0/8"],
+        "allow_destinations": ["::1/128"],
+        "access_log": "",
+        "admin_listen": [],
+        "workers": 2,
+    }
+    write_toml(config, top)
+    kushi = Kushi(["serve", "--config", str(config)], tmp_path, [("127.0.0.1", port)])
+    try:
+        children = Path(f"/proc/{kushi.proc.pid}/task/{kushi.proc.pid}/children")
+        assert len(children.read_text().split()) == 2
+        url = origin.url("/1k")
+        assert [_status_via(port, url) for _ in range(20)] == [200] * 20
+        write_toml(config, {**top, "allow": ["203.0.113.9/32"]})
+        kushi.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while _status_via(port, url) != 403:
+            assert time.monotonic() < deadline, "no worker applied the reload"
+            time.sleep(0.05)
+        # Every worker has reloaded: 20 new connections, whichever worker takes them, get 403.
+        time.sleep(0.3)
+        assert [_status_via(port, url) for _ in range(20)] == [403] * 20
+    finally:
+        assert kushi.stop() == 0
+    assert kushi.stderr.count("config reloaded") == 2
+    assert kushi.stderr.count("stopping: no new connections") == 2

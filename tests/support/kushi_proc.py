@@ -56,6 +56,20 @@ def write_toml(path: Path, top: dict[str, Any], listeners: Sequence[dict[str, An
 LOOPBACK_DESTINATIONS = ["--allow-destination", "127.0.0.0/8", "--allow-destination", "::1/128"]
 
 
+def _serves(argv: Sequence[str]) -> bool:
+    return not argv or argv[0] in ("serve", "reverse", "tcp") or argv[0].startswith("-")
+
+
+def _sets_workers(argv: Sequence[str]) -> bool:
+    if "--workers" in argv:
+        return True
+    if "--config" in argv:
+        path = Path(argv[argv.index("--config") + 1])
+        text = path.read_text() if path.exists() else ""
+        return any(line.strip().startswith("workers") for line in text.splitlines())
+    return False
+
+
 class Kushi:
     """A kushi subprocess. ``argv`` is the command line after ``kushi``.
 
@@ -74,6 +88,10 @@ class Kushi:
         argv = list(argv)
         if loopback_destinations and (not argv or argv[0] == "serve" or argv[0].startswith("-")):
             argv = [*argv, *LOOPBACK_DESTINATIONS]
+        if _serves(argv) and not _sets_workers(argv):
+            # One worker unless a test asks for more: every access record and counter is
+            # then in this one process (kushi's own default is one per core).
+            argv = [*argv, "--workers", "1"]
         self.workdir = workdir
         self.stdout_path = workdir / f"kushi-{os.getpid()}-{id(self)}.out"
         self.stderr_path = workdir / f"kushi-{os.getpid()}-{id(self)}.err"

@@ -58,7 +58,7 @@ def test_defaults() -> None:
     assert config.timeouts == Timeouts()
     assert config.timeouts.happy_eyeballs_delay == 0.25
     assert config.limits == Limits()
-    assert config.workers == 1 and config.log_level == "info"
+    assert config.workers == (os.cpu_count() or 1) and config.log_level == "info"
     assert config.admin_listen == (Address("127.0.0.1", 9128),)
     assert config.source is None
 
