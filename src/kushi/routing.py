@@ -9,6 +9,7 @@ The message framing fields are set by the caller to match how it re-frames the b
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ class ClientInfo:
     local_port: int = 0
 
 
+@functools.lru_cache(maxsize=4096)
 def _forwarded_node(address: str) -> str:
     """RFC 7239 section 6: IPv6 nodes are bracketed and the value quoted."""
     try:
