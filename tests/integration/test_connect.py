@@ -26,6 +26,7 @@ import pytest
 
 from support.kushi_proc import Kushi, free_port
 from support.origin import OriginProcess, pattern_sha256, spawn_origin
+from support.rawhttp import Raw
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -100,36 +101,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tls_ca: Any) -> Iterator[Set
 
 
 # --- a raw client ----------------------------------------------------------------------------
-
-
-class Raw:
-    def __init__(self, port: int, timeout: float = 60.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.rfile = self.sock.makefile("rb")
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.rfile.close()
-        self.sock.close()
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        status_line = self.rfile.readline()
-        assert status_line.startswith(b"HTTP/1.1 "), status_line
-        fields: dict[str, str] = {}
-        while (line := self.rfile.readline()) != b"\r\n":
-            assert line.endswith(b"\r\n"), line
-            name, _, value = line.decode("latin-1").partition(":")
-            fields[name.lower()] = value.strip()
-        return int(status_line.split()[1]), fields
-
-    def body(self, fields: dict[str, str]) -> bytes:
-        return self.rfile.read(int(fields["content-length"]))
-
-    def connect(self, target: str) -> tuple[int, dict[str, str]]:
-        self.sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        return self.head()
 
 
 def proxy_status(fields: dict[str, str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ import pytest
 
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import OriginProcess, pattern_sha256, spawn_origin
+from support.rawhttp import Raw
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,36 +66,6 @@ def running(tmp_path: Path) -> Iterator[Running]:
     kushi = Kushi(["serve", "--config", str(path)], tmp_path, wait_for=[("127.0.0.1", port)])
     yield Running(kushi, port, path, settings)
     kushi.stop()
-
-
-class Raw:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.rfile = self.sock.makefile("rb")
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.rfile.close()
-        self.sock.close()
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        status_line = self.rfile.readline()
-        assert status_line.startswith(b"HTTP/1.1 "), status_line
-        fields: dict[str, str] = {}
-        while (line := self.rfile.readline()) != b"\r\n":
-            assert line.endswith(b"\r\n"), line
-            name, _, value = line.decode("latin-1").partition(":")
-            fields[name.lower()] = value.strip()
-        return int(status_line.split()[1]), fields
-
-    def get(self, url: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
-        host = url.split("/")[2]
-        lines = [f"GET {url} HTTP/1.1", f"Host: {host}", *headers]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        status, fields = self.head()
-        return status, fields, self.rfile.read(int(fields["content-length"]))
 
 
 def refused(port: int) -> bool:
