@@ -35,6 +35,7 @@ import pytest
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import OriginProcess, pattern_bytes, pattern_chunks
 from support.procstat import fd_count, settled_fd_count, wait_for
+from support.rawhttp import Client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,52 +43,6 @@ RST_LINGER = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: clo
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-class Client:
-    """A raw client connection to kushi on 127.0.0.1."""
-
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def _fill(self) -> bool:
-        try:
-            data = self.sock.recv(1 << 20)
-        except ConnectionResetError:
-            data = b""
-        self.buf += data
-        return bool(data)
-
-    def read_head(self) -> tuple[int, dict[str, str]]:
-        while b"\r\n\r\n" not in self.buf:
-            assert self._fill(), f"closed inside the response head: {self.buf[:200]!r}"
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        fields = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            fields[name.strip().lower()] = value.strip()
-        return int(lines[0].split()[1]), fields
-
-    def read_body(self, n: int) -> bytes:
-        """Up to ``n`` bytes: fewer only when the connection ends first."""
-        while len(self.buf) < n and self._fill():
-            pass
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def get(self, url: str) -> tuple[int, dict[str, str], bytes]:
-        host = url.split("/")[2]
-        self.sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        status, fields = self.read_head()
-        return status, fields, self.read_body(int(fields.get("content-length", "0")))
 
 
 class FaultOrigin:

@@ -16,7 +16,6 @@ client socket before ``connect``.
 
 from __future__ import annotations
 
-import select
 import socket
 import statistics
 import threading
@@ -30,6 +29,7 @@ import pytest
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import ONE_K, OriginProcess
 from support.procstat import fd_count, settled_fd_count, wait_for
+from support.rawhttp import Client
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,73 +50,6 @@ def start_kushi(workdir: Path, **settings: Any) -> tuple[Kushi, int]:
     path = workdir / f"kushi-{port}.toml"
     write_toml(path, top)
     return Kushi(["serve", "--config", str(path)], workdir, [("127.0.0.1", port)]), port
-
-
-class Client:
-    """One client connection to kushi from loopback address ``source``."""
-
-    def __init__(self, port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self.sock.bind((source, 0))
-            self.sock.settimeout(timeout)
-            self.sock.connect(("127.0.0.1", port))
-        except BaseException:
-            self.sock.close()
-            raise
-        self.buf = b""
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError(f"connection closed; buffered {self.buf[:200]!r}")
-        self.buf += data
-
-    def read_head(self) -> tuple[int, dict[str, str]]:
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        fields: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            fields[name.strip().lower()] = value.strip()
-        return int(lines[0].split()[1]), fields
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def get(self, url: str, *, close: bool = False) -> tuple[int, dict[str, str], bytes]:
-        host = url.split("/")[2]
-        extra = "Connection: close\r\n" if close else ""
-        self.sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode())
-        status, fields = self.read_head()
-        return status, fields, self.read_exact(int(fields.get("content-length", "0")))
-
-    def closed_by_peer(self, timeout: float) -> bool:
-        """True when kushi closes the connection (EOF or reset) within ``timeout`` with
-        nothing more sent; False when still open then."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if not ready:
-            return False
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            return True
-        assert data == b"", f"kushi sent {data[:200]!r} instead of closing"
-        return True
 
 
 class EchoServer:
