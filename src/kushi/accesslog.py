@@ -96,12 +96,6 @@ class AccessLog:
             self._stream.close()
         self._stream = None
 
-    def reopen(self) -> None:
-        """For log rotation: reopen the file by name."""
-        if self.path and self.path != "-":
-            self.close()
-            self._stream = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-
 
 def describe_path(path: str | None) -> str:
     if path is None:

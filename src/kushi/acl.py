@@ -44,10 +44,6 @@ class AllowList:
             return True
         return any(addr in addrs for addrs in self.resolved.values())
 
-    @property
-    def admits_everyone(self) -> bool:
-        return any(net.prefixlen == 0 for net in self.networks)
-
     async def refresh(self, resolver: Resolver) -> None:
         """Re-resolve the host-name entries; a failed lookup keeps the previous answer."""
         for name in self.names:

@@ -893,9 +893,6 @@ class Style:
     def note(self, text: str) -> str:
         return self._wrap("33", text)
 
-    def dim(self, text: str) -> str:
-        return self._wrap("2", text)
-
     def bold(self, text: str) -> str:
         return self._wrap("1", text)
 

@@ -19,12 +19,10 @@ from kushi.errors import ConfigError
 
 EXIT_CONFIG = 2
 
-COMMANDS = ("serve", "reverse", "tcp", "config", "whoami", "check")
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG, f"kushi: {message} (see kushi {self.prog.split()[-1]} --help)\n")
+        self.exit(EXIT_CONFIG, f"kushi: {message} (see {self.prog} --help)\n")
 
 
 def _common(p: argparse.ArgumentParser, mode: str) -> None:

@@ -188,18 +188,6 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     return set(split_list(get_all(headers, b"connection")))
 
 
-def strip_hop_by_hop(
-    headers: list[Header],
-    *,
-    keep: frozenset[bytes] = frozenset(),
-    named: frozenset[bytes] | None = None,
-) -> list[Header]:
-    """Remove hop-by-hop fields and every field named in Connection (RFC 9110 section 7.6.1);
-    ``named`` is the Connection options when the parser already has them."""
-    drop = drop_set(headers, named, keep)
-    return [(k, v) for k, v in headers if k.lower() not in drop]
-
-
 def drop_set(
     headers: list[Header],
     named: frozenset[bytes] | None = None,
