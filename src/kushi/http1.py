@@ -22,6 +22,7 @@ buffer for the next one.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ _TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]+")
 # The target may carry raw non-ASCII bytes (obs-text): servers in the wild accept UTF-8 paths.
 _REQUEST_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) (\S+)")
 _VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# The common case in one match; a line that fails it is diagnosed with the two above.
+_REQUEST_LINE_FAST_RE = re.compile(
+    rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])"
+)
 # RFC 9112 section 4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
 # (A bare "HTTP/1.1 200" without the SP is common enough to accept; "200OK" is not.)
 _STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
@@ -55,8 +60,9 @@ _FIELD_RE = re.compile(
     rb"([" + _TCHAR + rb"]+):[ \t]*((?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+)?[ \t]*"
 )
 # The whole field section in one pass (the fast path; _parse_fields explains a failure).
-_VALUE = rb"(?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+"
-_FIELD_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+):[ \t]*(" + _VALUE + rb")?[ \t]*\r\n")
+# OWS field-value OWS is exactly "any run of VCHAR, obs-text, SP and HTAB": the value is
+# that run with the surrounding whitespace stripped, so the check needs no backtracking.
+_FIELD_SECTION_RE = re.compile(rb"(?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _DIGITS_RE = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?)")
 
@@ -249,19 +255,22 @@ def _split_head(
     first_end = head.find(b"\r\n")
     first = head[:first_end]
     block = head[first_end + 2 : -2]
-    # split() yields [gap, name, value, gap, name, value, ..., gap]: the fields cover the
-    # section exactly when every gap is empty.
-    parts = _FIELD_LINE_RE.split(block)
-    if not any(parts[0::3]):
-        headers: list[Header] = list(zip(parts[1::3], [v or b"" for v in parts[2::3]], strict=True))
-    else:
-        lines = _split_lines(head, error)
-        headers = _parse_fields(lines[1:], error)
+    if _FIELD_SECTION_RE.fullmatch(block) is None:
+        _parse_fields(_split_lines(head, error)[1:], error)  # raises, naming the fault
+        raise error("malformed header section")  # pragma: no cover - the line above raises
+    headers: list[Header] = []
     wanted: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _WANTED:
-            wanted.setdefault(lower, []).append(value)
+    if block:
+        for line in block[:-2].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            value = value.strip(b" \t")
+            headers.append((name, value))
+            lower = name.lower()
+            if lower in _WANTED:
+                if lower in wanted:
+                    wanted[lower].append(value)
+                else:
+                    wanted[lower] = [value]
     return first, headers, wanted
 
 
@@ -302,6 +311,8 @@ def _content_length(values: list[bytes], error: type[KushiError], *, strict: boo
     """RFC 9112 section 6.3 item 5. A request (``strict``) must carry exactly one plain
     value: a list, even of identical values, is how length confusion starts, so it is
     refused. A response may repeat an identical value; differing values are errors."""
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
+        return int(values[0])  # the usual case: one plain number (isdigit: ASCII digits)
     if strict and (len(values) != 1 or b"," in values[0]):
         raise error("more than one Content-Length value")
     lengths = set()
@@ -349,16 +360,21 @@ def parse_request_head(head: bytes) -> RequestHead:
     while head.startswith(b"\r\n"):
         head = head[2:]
     first, headers, wanted = _split_head(head, RequestError)
-    m = _REQUEST_LINE_RE.fullmatch(first)
-    if m is None:
-        if b"\r" in first or b"\n" in first:
-            raise RequestError("bare CR or LF in the message head")
-        raise RequestError(f"malformed request line {_show(first)}")
-    method, target, version_text = m.groups()
-    v = _VERSION_RE.fullmatch(version_text)
-    if v is None:
-        raise RequestError(f"malformed HTTP version {_show(version_text)}")
-    version = (int(v.group(1)), int(v.group(2)))
+    fast = _REQUEST_LINE_FAST_RE.fullmatch(first)
+    if fast is not None:
+        method, target, major, minor = fast.groups()
+        version = (int(major), int(minor))
+    else:
+        m = _REQUEST_LINE_RE.fullmatch(first)
+        if m is None:
+            if b"\r" in first or b"\n" in first:
+                raise RequestError("bare CR or LF in the message head")
+            raise RequestError(f"malformed request line {_show(first)}")
+        method, target, version_text = m.groups()
+        v = _VERSION_RE.fullmatch(version_text)
+        if v is None:
+            raise RequestError(f"malformed HTTP version {_show(version_text)}")
+        version = (int(v.group(1)), int(v.group(2)))
     if version[0] != 1:
         raise VersionNotSupported(f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1")
     if version[1] > 1:
@@ -470,8 +486,10 @@ _REG_NAME_RE = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%]+")
 _IPV6_LITERAL_RE = re.compile(rb"\[[0-9A-Fa-f:.]+\]")
 
 
+@functools.lru_cache(maxsize=1024)
 def split_authority(authority: bytes) -> tuple[str, int | None]:
-    """``host[:port]`` to (host without brackets, port or None). Raises ValueError."""
+    """``host[:port]`` to (host without brackets, port or None). Raises ValueError.
+    (Cached: a client asks for the same few authorities over and over.)"""
     if authority.startswith(b"["):
         end = authority.find(b"]")
         if end < 0 or not _IPV6_LITERAL_RE.fullmatch(authority[: end + 1]):
