@@ -42,6 +42,11 @@ class Conn(asyncio.Protocol):
         self._read_paused = False
         self._lost = False
         self._closed: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The read deadline: one lazily re-armed timer per connection (see _wait_data).
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Conn {fmt_addr(*self.local)} <-> {fmt_addr(*self.peer)}>"
@@ -51,7 +56,8 @@ class Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses, but behave as one.)
         self.transport = cast(asyncio.Transport, transport)
-        self._closed = asyncio.get_running_loop().create_future()
+        self._loop = loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
@@ -83,6 +89,9 @@ class Conn(asyncio.Protocol):
         self.at_eof = True
         self._lost = True
         self._wake()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("connection lost"))
@@ -108,21 +117,45 @@ class Conn(asyncio.Protocol):
 
     async def _wait_data(self, deadline: float | None = None) -> None:
         """Wait for the next bytes (or end of stream); ``TimeoutError`` at ``deadline``
-        (event-loop time). One timer handle, armed only when there is a wait."""
+        (event-loop time).
+
+        The timer is lazy: a wait whose deadline is no earlier than the armed timer's
+        leaves it alone, and the timer, when it fires, re-arms itself for the deadline of
+        the wait then in progress (if any). A kept-alive connection thus arms about one
+        timer per timeout period instead of one per request."""
         if self._read_paused and self.transport is not None and len(self.buf) < READ_HIGH:
             self._read_paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         waiter = loop.create_future()
         self._waiter = waiter
-        timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
+        if deadline is not None:
+            self._deadline = deadline
+            timer = self._timer
+            if timer is None or self._timer_at > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._on_timer)
+                self._timer_at = deadline
         try:
             await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._deadline = None
             if self._waiter is waiter:
                 self._waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline, waiter = self._deadline, self._waiter
+        if deadline is None or waiter is None or self._loop is None:
+            return  # no wait with a deadline in progress: stay disarmed
+        if self._loop.time() >= deadline:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_exception(TimeoutError())
+            return
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer_at = deadline
 
     async def fill(self, size: int = READ_SIZE, deadline: float | None = None) -> bool:
         """Wait for more bytes in ``buf``. False at end of stream (nothing more will come);
@@ -166,7 +199,7 @@ class Conn(asyncio.Protocol):
             raise ConnectionResetError("connection lost")
         if not self._write_paused:
             return
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = (self._loop or asyncio.get_running_loop()).create_future()
         self._drain_waiter = waiter
         await waiter
 
@@ -246,11 +279,6 @@ async def serve_socket(
         task.add_done_callback(tasks.discard)
 
     return await loop.create_server(lambda: Conn(on_connect), sock=sock, backlog=backlog)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 def fmt_addr(host: str, port: int) -> str:

@@ -1,0 +1,112 @@
+"""netio.Conn over real socket pairs: reads, deadlines (the lazy timer) and end of stream."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from kushi.netio import Conn, open_conn
+
+
+async def _pair() -> tuple[Conn, socket.socket]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    return await open_conn(ours), theirs
+
+
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    uvloop.run(coro_fn())
+
+
+def test_fill_times_out_at_its_deadline() -> None:
+    async def main() -> None:
+        conn, peer = await _pair()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await conn.fill(deadline=start + 0.2)
+        assert 0.18 <= loop.time() - start < 0.6
+        await conn.wait_closed()
+        peer.close()
+
+    _run(main)
+
+
+def test_a_later_deadline_reuses_the_timer_and_still_expires() -> None:
+    """Waits with ever later deadlines (a kept-alive connection) share one timer, which
+    re-arms itself for the wait in progress when it fires early."""
+
+    async def main() -> None:
+        conn, peer = await _pair()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        peer.send(b"a")
+        assert await conn.fill(deadline=start + 0.1)  # arms the timer at +0.1
+        conn.buf.clear()
+        timer = conn._timer
+        assert timer is not None
+        with pytest.raises(TimeoutError):
+            await conn.fill(deadline=start + 0.4)  # later: the same timer, re-armed at +0.1
+        elapsed = loop.time() - start
+        assert 0.38 <= elapsed < 0.9, elapsed
+        await conn.wait_closed()
+        peer.close()
+
+    _run(main)
+
+
+def test_an_earlier_deadline_replaces_the_armed_timer() -> None:
+    async def main() -> None:
+        conn, peer = await _pair()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        peer.send(b"a")
+        assert await conn.fill(deadline=start + 30)  # arms a timer 30 s out
+        conn.buf.clear()
+        with pytest.raises(TimeoutError):
+            await conn.fill(deadline=start + 0.15)
+        assert loop.time() - start < 1.0
+        await conn.wait_closed()
+        peer.close()
+
+    _run(main)
+
+
+def test_a_timer_firing_between_waits_does_not_touch_the_next_wait() -> None:
+    async def main() -> None:
+        conn, peer = await _pair()
+        loop = asyncio.get_running_loop()
+        peer.send(b"a")
+        assert await conn.fill(deadline=loop.time() + 0.05)
+        conn.buf.clear()
+        await asyncio.sleep(0.15)  # the timer fires with no wait in progress
+        assert conn._timer is None
+        loop.call_later(0.1, peer.send, b"b")
+        assert await conn.fill()  # no deadline: data, not a stale TimeoutError
+        assert bytes(conn.buf) == b"b"
+        await conn.wait_closed()
+        peer.close()
+
+    _run(main)
+
+
+def test_end_of_stream_and_close_cancel_the_timer() -> None:
+    async def main() -> None:
+        conn, peer = await _pair()
+        loop = asyncio.get_running_loop()
+        peer.send(b"xyz")
+        peer.shutdown(socket.SHUT_WR)
+        assert await conn.fill(deadline=loop.time() + 60)
+        assert bytes(conn.buf) == b"xyz"
+        conn.buf.clear()
+        assert not await conn.fill(deadline=loop.time() + 60)
+        await conn.wait_closed()
+        assert conn._timer is None  # a closed connection holds no timer (nor is held by one)
+        peer.close()
+
+    _run(main)
