@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import resource
@@ -376,6 +377,15 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def settle_garbage_collector() -> None:
+    """Move everything alive after start-up (modules, config, metrics) out of the
+    collector's sight, so a full collection under load walks only what requests made: the
+    p99 latency no longer carries the cost of scanning the whole program. (Raising the
+    young-generation threshold was measured too: it made requests slower, not faster.)"""
+    gc.collect()
+    gc.freeze()
+
+
 def install_event_loop() -> str:
     try:
         import uvloop
@@ -403,6 +413,7 @@ async def run_server(
             result = hook(server)
             if asyncio.iscoroutine(result):
                 await result
+    settle_garbage_collector()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
