@@ -54,10 +54,44 @@ def wrk(url: str, proxy: str, seconds: int) -> int:
     raise RuntimeError(out)
 
 
+def spy(pid: int, url: str, proxy: str, seconds: int, out: str) -> None:
+    """py-spy's collapsed stacks while wrk runs, and a top-20 by own (leaf) samples."""
+    import collections
+    import shutil
+    import sys
+
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    rec = subprocess.Popen(
+        [exe, "record", "-r", "400", "-f", "raw", "-o", out, "-d", str(seconds), "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    wrk(url, proxy, seconds)
+    rec.wait()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    with open(out) as fh:
+        for line in fh:
+            stack, _, count = line.rstrip().rpartition(" ")
+            leaf = stack.rsplit(";", 1)[-1]
+            own[leaf] += int(count)
+            total += int(count)
+    print(f"py-spy: {total} samples; own time by function:")
+    for name, count in own.most_common(25):
+        print(f"  {100 * count / total:5.1f}%  {name}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench.profile", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--idle", type=int, default=10000)
+    parser.add_argument(
+        "--spy",
+        metavar="FILE",
+        help="also sample kushi with py-spy during a second wrk run; write collapsed "
+        "stacks to FILE and print the functions with the most own time",
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -71,7 +105,7 @@ def main() -> int:
         toml = (
             f'listen = ["127.0.0.1:{port}"]\nallow = ["127.0.0.0/8"]\n'
             f'allow_destinations = ["::1/128 {env.origin_port}"]\n'
-            'access_log = ""\nlog_level = "warning"\nadmin_listen = []\n'
+            'access_log = ""\nlog_level = "warning"\nadmin_listen = []\nworkers = 1\n'
         )
         kushi = _start_kushi("kushi-profile", env, toml, port)
         assert kushi.managed is not None
@@ -86,6 +120,8 @@ def main() -> int:
             f"CPU per keep-alive 1 KiB request: {user + system:.1f} us "
             f"(user {user:.1f}, system {system:.1f}) over {requests} requests"
         )
+        if args.spy:
+            spy(pid, url, proxy, args.seconds, args.spy)
         base = rss_mib(pid)
         for i in range(args.idle):
             s = socket.socket()
