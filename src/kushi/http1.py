@@ -26,7 +26,7 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from kushi.errors import (
     HeaderTooLarge,
@@ -107,8 +107,11 @@ REASONS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Framing:
+# The small value objects made per message (Framing, Data, Target) are NamedTuples:
+# immutable like a frozen dataclass, and several times cheaper to build.
+
+
+class Framing(NamedTuple):
     """How a message body is delimited (RFC 9112 section 6.3)."""
 
     kind: Literal["none", "length", "chunked", "close"]
@@ -118,8 +121,28 @@ class Framing:
 NO_BODY = Framing("none")
 
 
+class _Fields:
+    """Field lookup for a parsed head: the ``INDEXED`` names from the parser's index,
+    any other name by a scan of the field list."""
+
+    __slots__ = ()
+    headers: list[Header]
+    index: dict[bytes, list[bytes]] | None
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of the field ``name`` (lower case), or None."""
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        """Every value of the field ``name`` (lower case), in order."""
+        if self.index is not None and name in INDEXED:
+            return self.index.get(name) or []
+        return get_all(self.headers, name)
+
+
 @dataclass(slots=True)
-class RequestHead:
+class RequestHead(_Fields):
     method: bytes
     target: bytes
     version: tuple[int, int]
@@ -132,13 +155,12 @@ class RequestHead:
     codings: tuple[bytes, ...] = ()
     #: The Connection field's options, lower-cased (None: not parsed, compute on use).
     connection: frozenset[bytes] | None = None
-
-    def get(self, name: bytes) -> bytes | None:
-        return get_header(self.headers, name)
+    #: The values of the ``INDEXED`` fields by lower-case name (set by the parser).
+    index: dict[bytes, list[bytes]] | None = None
 
 
 @dataclass(slots=True)
-class ResponseHead:
+class ResponseHead(_Fields):
     status: int
     reason: bytes
     version: tuple[int, int]
@@ -146,13 +168,10 @@ class ResponseHead:
     framing: Framing = NO_BODY
     keep_alive: bool = True
     connection: frozenset[bytes] | None = None
-
-    def get(self, name: bytes) -> bytes | None:
-        return get_header(self.headers, name)
+    index: dict[bytes, list[bytes]] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
+class Data(NamedTuple):
     data: bytes
 
 
@@ -238,16 +257,27 @@ def find_head_end(
     return -1
 
 
-#: The fields whose values the parser itself needs.
-_WANTED = frozenset(
-    {b"host", b"transfer-encoding", b"content-length", b"connection", b"expect", b"upgrade"}
+#: The fields the parser indexes by lower-case name as it splits the head: those it needs
+#: itself, and those the proxy looks up on every message (``get`` answers them without a
+#: scan of the field list).
+INDEXED = frozenset(
+    {
+        b"host",
+        b"transfer-encoding",
+        b"content-length",
+        b"connection",
+        b"expect",
+        b"upgrade",
+        b"content-type",
+        b"via",
+    }
 )
 
 
 def _split_head(
     head: bytes, error: type[KushiError]
 ) -> tuple[bytes, list[Header], dict[bytes, list[bytes]]]:
-    """The first line, the fields, and the values of the ``_WANTED`` fields by lower-case
+    """The first line, the fields, and the values of the ``INDEXED`` fields by lower-case
     name. One regex pass validates the whole field section; only a head that fails it is
     taken apart line by line, to say exactly what is wrong."""
     if not head.endswith(b"\r\n\r\n"):
@@ -266,7 +296,7 @@ def _split_head(
             value = value.strip(b" \t")
             headers.append((name, value))
             lower = name.lower()
-            if lower in _WANTED:
+            if lower in INDEXED:
                 if lower in wanted:
                     wanted[lower].append(value)
                 else:
@@ -383,7 +413,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         if b"_" in name and name.lower().replace(b"_", b"-") in _FRAMING_NAMES:
             # Gateways that map "_" to "-" (CGI, WSGI) would read a second framing field.
             raise RequestError(f"header field {_show(name)} looks like a framing field")
-    req = RequestHead(method, target, version, headers)
+    req = RequestHead(method, target, version, headers, index=wanted)
 
     # RFC 9112 section 3.2: a 1.1 request has exactly one Host field.
     hosts = wanted.get(b"host", [])
@@ -445,7 +475,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     status = int(status_text)
     if status < 100:
         raise UpstreamError(f"invalid status code {status}")
-    resp = ResponseHead(status, reason, version, headers)
+    resp = ResponseHead(status, reason, version, headers, index=wanted)
     tokens = set(split_list(wanted.get(b"connection", ())))
     resp.connection = frozenset(tokens)
     resp.keep_alive = (b"close" not in tokens) if version == (1, 1) else (b"keep-alive" in tokens)
@@ -519,8 +549,10 @@ def valid_authority(authority: bytes) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class Target(NamedTuple):
     """A request target (RFC 9112 section 3.2) reduced to what routing needs."""
 
     form: Literal["origin", "absolute", "authority", "asterisk"]
@@ -532,8 +564,7 @@ class Target:
     @property
     def authority(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        default = {"http": 80, "https": 443}.get(self.scheme)
-        return host if self.port == default else f"{host}:{self.port}"
+        return host if self.port == _DEFAULT_PORTS.get(self.scheme) else f"{host}:{self.port}"
 
 
 def parse_target(method: bytes, target: bytes) -> Target:
@@ -570,7 +601,7 @@ def parse_target(method: bytes, target: bytes) -> Target:
         raise RequestError(f"invalid host in request target {_show(target)}") from None
     scheme_text = scheme.decode("ascii").lower()
     if port is None:
-        port = {"http": 80, "https": 443}.get(scheme_text, 0)
+        port = _DEFAULT_PORTS.get(scheme_text, 0)
     if path.startswith(b"?"):
         path = b"/" + path
     return Target("absolute", scheme_text, host, port, path or b"/")
@@ -698,7 +729,8 @@ def body_reader(framing: Framing, error: type[KushiError]) -> BodyReader:
 
 
 def serialize_headers(headers: Iterable[Header]) -> bytes:
-    return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    lines = [b": ".join(field) for field in headers]
+    return b"\r\n".join(lines) + b"\r\n" if lines else b""
 
 
 def serialize_request_head(method: bytes, target: bytes, headers: Iterable[Header]) -> bytes:

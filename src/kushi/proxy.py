@@ -274,7 +274,7 @@ class HttpSession:
         self._body_done = req.framing.kind == "none"
         self.authorize(req, state, record)
         target = http1.parse_target(req.method, req.target)
-        if seen_via(req.headers, self.services.pseudonym):
+        if seen_via(req, self.services.pseudonym):
             raise LoopDetected("this request has already passed through this kushi (Via)")
         mode = state.cfg.mode
         if mode == "forward":

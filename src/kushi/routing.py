@@ -34,16 +34,20 @@ _REQUEST_DROP = _RESPONSE_DROP | {b"host"}
 _UPGRADE = frozenset({b"upgrade"})
 
 
+@functools.lru_cache(maxsize=64)
 def via_value(version: tuple[int, int], pseudonym: str) -> bytes:
     """RFC 9110 section 7.6.3: received-protocol (the version we received) and our name."""
     proto = "1.0" if version == (1, 0) else "1.1"
     return f"{proto} {pseudonym}".encode("ascii")
 
 
-def seen_via(headers: list[Header], pseudonym: str) -> bool:
+def seen_via(head: RequestHead, pseudonym: str) -> bool:
     """True when our own pseudonym is already in Via: the request came round in a loop."""
+    values = head.get_all(b"via")
+    if not values:
+        return False
     token = pseudonym.encode("ascii").lower()
-    for value in get_all(headers, b"via"):
+    for value in values:
         for hop in value.split(b","):
             parts = hop.strip().split()
             if len(parts) >= 2 and parts[1].lower() == token:

@@ -114,11 +114,11 @@ def test_existing_via_kept_and_ours_last() -> None:
 
 
 def test_seen_via_detects_our_own_pseudonym_only() -> None:
-    assert seen_via(req("Via: 1.1 other, 1.1 KUSHI-ABC123 (kushi)").headers, PSEUDONYM)
-    assert seen_via(req("Via: 1.0 a", "Via: 1.1 kushi-abc123").headers, PSEUDONYM)
-    assert not seen_via(req("Via: 1.1 kushi-abc1234").headers, PSEUDONYM)
-    assert not seen_via(req("Via: kushi-abc123").headers, PSEUDONYM)
-    assert not seen_via(req().headers, PSEUDONYM)
+    assert seen_via(req("Via: 1.1 other, 1.1 KUSHI-ABC123 (kushi)"), PSEUDONYM)
+    assert seen_via(req("Via: 1.0 a", "Via: 1.1 kushi-abc123"), PSEUDONYM)
+    assert not seen_via(req("Via: 1.1 kushi-abc1234"), PSEUDONYM)
+    assert not seen_via(req("Via: kushi-abc123"), PSEUDONYM)
+    assert not seen_via(req(), PSEUDONYM)
 
 
 # --- Max-Forwards ----------------------------------------------------------------------------
