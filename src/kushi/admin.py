@@ -240,10 +240,14 @@ def _set_gauges(server: Server, metrics: Metrics) -> None:
 
 
 async def _sample_gauges(server: Server, metrics: Metrics) -> None:
-    """In multiprocess mode each worker publishes its own gauges; the admin sums them."""
-    while True:
-        _set_gauges(server, metrics)
-        await asyncio.sleep(1.0)
+    """In multiprocess mode each worker publishes its own gauges and its gathered counts
+    once a second (and at exit); the admin sums every worker's."""
+    try:
+        while True:
+            _set_gauges(server, metrics)
+            await asyncio.sleep(1.0)
+    finally:
+        metrics.flush()
 
 
 # --- the listener ---------------------------------------------------------------------

@@ -3,6 +3,9 @@
 Every finished request or tunnel produces one ``AccessRecord``; ``Metrics.observe`` turns
 it into counter increments (requests by listener, mode, egress family and status class;
 tunnels; bytes each way; error types; Happy Eyeballs fallbacks; upstream connect time).
+The per-request counts are gathered in a plain dict and added to the prometheus counters
+by ``flush``: before every scrape and read-back, and once a second in each worker, so
+another worker's latest requests reach ``/metrics`` within a second.
 Gauges that describe the present (open connections and tunnels, uptime) are set by the
 admin listener just before it answers a scrape.
 
@@ -118,6 +121,10 @@ class Metrics:
     def __init__(self, *, multiprocess_dir: str | None = None) -> None:
         self.multiprocess_dir = multiprocess_dir
         self._children: dict[tuple[Any, ...], Any] = {}
+        # Per-request counts gather here and reach the prometheus counters in ``flush``
+        # (before every scrape or read-back, and once a second from each worker):
+        # a dict increment instead of three locked counter updates per request.
+        self._pending: dict[tuple[Any, ...], float] = {}
         registry = self.registry = CollectorRegistry()
         self.requests = Counter(
             "kushi_requests",
@@ -222,27 +229,42 @@ class Metrics:
     def observe(self, record: AccessRecord) -> None:
         """Count one finished request or tunnel (a ``Services.hooks`` callable)."""
         family = family_label(record.family)
-        self._child(
-            self.requests, record.listener, record.mode, family, status_class(record.status)
-        ).inc()
+        pending = self._pending
+        key: tuple[Any, ...] = (
+            self.requests,
+            record.listener,
+            record.mode,
+            family,
+            status_class(record.status),
+        )
+        pending[key] = pending.get(key, 0) + 1
         if is_tunnel(record):
-            self._child(self.tunnels, record.listener, record.mode, family).inc()
+            key = (self.tunnels, record.listener, record.mode, family)
+            pending[key] = pending.get(key, 0) + 1
         if record.bytes_in:
-            self._child(self.bytes, "client_to_upstream", family).inc(record.bytes_in)
+            key = (self.bytes, "client_to_upstream", family)
+            pending[key] = pending.get(key, 0) + record.bytes_in
         if record.bytes_out:
-            self._child(self.bytes, "upstream_to_client", family).inc(record.bytes_out)
+            key = (self.bytes, "upstream_to_client", family)
+            pending[key] = pending.get(key, 0) + record.bytes_out
         if record.error:
             self.errors.labels(error_type=record.error).inc()
         seconds = connect_seconds(record)
         if seconds is not None:
+            # Only a new connection has attempts of its own (connect_ms is 0 on a reused one).
             self.connect_time.labels(family=family).observe(seconds)
-        # Only a new connection has attempts of its own (connect_ms is 0 on a reused one).
-        if seconds is not None:
             fallback = fallback_of(record)
             if fallback is not None:
                 self.fallbacks.labels(from_family=fallback[0], to_family=fallback[1]).inc()
 
+    def flush(self) -> None:
+        """Add the counts gathered since the last flush to the prometheus counters."""
+        pending, self._pending = self._pending, {}
+        for (metric, *labels), amount in pending.items():
+            self._child(metric, *labels).inc(amount)
+
     def set_gauges(self, *, connections: int, tunnels: int | None, started: float) -> None:
+        self.flush()
         self.open_connections.set(connections)
         if tunnels is not None:
             self.open_tunnels.set(tunnels)
@@ -263,11 +285,13 @@ class Metrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every counter (all workers' in multiprocess)."""
+        self.flush()
         self.prune_dead_workers()
         return generate_latest(self.serving)
 
     def totals(self) -> Totals:
         """Read the counters back (summed over every worker in multiprocess mode)."""
+        self.flush()
         self.prune_dead_workers()
         out = Totals()
         for source in self._sources:
