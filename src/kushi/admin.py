@@ -42,9 +42,10 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.resources import files
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kushi import __version__, http1
@@ -189,9 +190,10 @@ def config_view(config: Config) -> dict[str, Any]:
     return redacted
 
 
-def record_view(record: AccessRecord) -> dict[str, Any]:
+def record_view(record: AccessRecord, worker: int | None = None) -> dict[str, Any]:
     return {
         "time": round(record.time, 3),
+        "worker": os.getpid() if worker is None else worker,
         "listener": record.listener,
         "mode": record.mode,
         "client": record.client,
@@ -240,14 +242,46 @@ def _set_gauges(server: Server, metrics: Metrics) -> None:
 
 
 async def _sample_gauges(server: Server, metrics: Metrics) -> None:
-    """In multiprocess mode each worker publishes its own gauges and its gathered counts
-    once a second (and at exit); the admin sums every worker's."""
+    """In multiprocess mode each worker publishes its own gauges, its gathered counts and
+    its recent requests once a second (and at exit); the admin sums and merges them."""
+    published: AccessRecord | None = None
     try:
         while True:
             _set_gauges(server, metrics)
+            recent = server.services.recent
+            if recent and recent[-1] is not published and metrics.multiprocess_dir:
+                published = recent[-1]
+                publish_recent(metrics.multiprocess_dir, recent)
             await asyncio.sleep(1.0)
     finally:
         metrics.flush()
+
+
+def publish_recent(directory: str, recent: Iterable[AccessRecord]) -> None:
+    """This worker's newest requests, for the admin's status page (replaced atomically)."""
+    views = [record_view(r) for r in recent][-RECENT_LIMIT:]
+    path = os.path.join(directory, f"recent_{os.getpid()}.json")
+    with contextlib.suppress(OSError):
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump(views, fh, separators=(",", ":"))
+        os.replace(path + ".tmp", path)
+
+
+def merged_recent(directory: str | None, own: Iterable[AccessRecord]) -> list[dict[str, Any]]:
+    """The newest requests of this process (live) and of every other worker (as last
+    published), newest first."""
+    views = [record_view(r) for r in own]
+    if directory:
+        me = f"recent_{os.getpid()}.json"
+        for path in Path(directory).glob("recent_*.json"):
+            if path.name == me:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(loaded, list):
+                    views.extend(v for v in loaded if isinstance(v, dict))
+    views.sort(key=lambda v: float(v.get("time", 0.0)), reverse=True)
+    return views[:RECENT_LIMIT]
 
 
 # --- the listener ---------------------------------------------------------------------
@@ -503,6 +537,12 @@ class Admin:
         self.timeline.sample(now, totals.requests)
         workers = server.config.workers
         tunnels = open_tunnels(server)
+        if workers <= 1:
+            recent_scope = ""
+        elif self.metrics.multiprocess_dir:
+            recent_scope = f"all {workers} workers (the others' within a second)"
+        else:
+            recent_scope = f"served by worker 0 of {workers}"
         return {
             "version": __version__,
             "pseudonym": services.pseudonym,
@@ -512,7 +552,7 @@ class Admin:
             "health": "stopping" if shutting_down(server) else "ok",
             "workers": workers,
             "counted": "all workers" if self.all_workers or workers <= 1 else "worker 0 only",
-            "recent_scope": "" if workers <= 1 else f"served by worker 0 of {workers}",
+            "recent_scope": recent_scope,
             "reloads": int(totals.reloads),
             "open_connections": int(totals.open_connections),
             "open_tunnels": None if tunnels is None else int(totals.open_tunnels),
@@ -529,7 +569,7 @@ class Admin:
                 for name, count in sorted(totals.errors.items(), key=lambda kv: (-kv[1], kv[0]))
             ],
             "timeline": self.timeline.series(now),
-            "recent": [record_view(r) for r in reversed(services.recent)][:RECENT_LIMIT],
+            "recent": merged_recent(self.metrics.multiprocess_dir, services.recent),
             "config": config_view(server.config),
         }
 

@@ -539,6 +539,27 @@ def test_metrics_add_up_across_workers(tmp_path: Path, origin_factory: OriginFac
         status = json.loads(get(admin, "/api/status").body)
         assert status["totals"]["by_family"] == {"ipv6": n}
         assert status["counted"] == "all workers"
+
+        # The recent-requests table merges every worker's requests: send requests on new
+        # connections (a unique path each) until both workers have served some; every
+        # one of them must be in the table, newest first, whichever worker served it.
+        def table() -> list[dict[str, Any]]:
+            views: list[dict[str, Any]] = json.loads(get(admin, "/api/status").body)["recent"]
+            return [v for v in views if "recent=" in v["target"]]
+
+        sent: list[str] = []
+        for i in range(60):
+            path = f"/1k?recent={i}"
+            assert curl(port, origin.url(path)).status == 200
+            sent.append(path)
+            if i % 10 == 9:
+                wait_for(lambda: len(table()) == len(sent), "every worker's requests listed")
+                if len({v["worker"] for v in table()}) == 2:
+                    break
+        views = table()
+        assert len({v["worker"] for v in views}) == 2, "one worker served every request"
+        assert [v["target"].split("/", 3)[3] for v in views] == [p[1:] for p in reversed(sent)]
+        assert "all 2 workers" in json.loads(get(admin, "/api/status").body)["recent_scope"]
     finally:
         assert kushi.stop() == 0
     leftovers = list(Path("/tmp").glob(f"kushi-metrics-*/*_{kushi.proc.pid}.db"))
