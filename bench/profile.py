@@ -87,6 +87,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--idle", type=int, default=10000)
     parser.add_argument(
+        "--mode",
+        choices=["forward", "reverse"],
+        default="forward",
+        help="profile a forward listener (absolute-form requests) or a reverse one",
+    )
+    parser.add_argument(
         "--spy",
         metavar="FILE",
         help="also sample kushi with py-spy during a second wrk run; write collapsed "
@@ -102,22 +108,30 @@ def main() -> int:
         prepare_www(env.www, 1)
         start_origin(env)
         port = free_port()
-        toml = (
-            f'listen = ["127.0.0.1:{port}"]\nallow = ["127.0.0.0/8"]\n'
-            f'allow_destinations = ["::1/128 {env.origin_port}"]\n'
-            'access_log = ""\nlog_level = "warning"\nadmin_listen = []\nworkers = 1\n'
-        )
+        common = 'access_log = ""\nlog_level = "warning"\nadmin_listen = []\nworkers = 1\n'
+        if args.mode == "forward":
+            toml = (
+                f'listen = ["127.0.0.1:{port}"]\nallow = ["127.0.0.0/8"]\n'
+                f'allow_destinations = ["::1/128 {env.origin_port}"]\n' + common
+            )
+            url = f"{env.origin_url}/1k"
+        else:
+            toml = (
+                common + f'[[listener]]\nmode = "reverse"\nlisten = ["127.0.0.1:{port}"]\n'
+                f'backend = ["{env.origin_url}"]\n'
+            )
+            url = "/1k"
         kushi = _start_kushi("kushi-profile", env, toml, port)
         assert kushi.managed is not None
         pid = kushi.managed.pid
-        url, proxy = f"{env.origin_url}/1k", f"http://127.0.0.1:{port}"
+        proxy = f"http://127.0.0.1:{port}"
         wrk(url, proxy, 1)  # warm-up
         user0, sys0 = cpu_seconds(pid)
         requests = wrk(url, proxy, args.seconds)
         user1, sys1 = cpu_seconds(pid)
         user, system = (user1 - user0) / requests * 1e6, (sys1 - sys0) / requests * 1e6
         print(
-            f"CPU per keep-alive 1 KiB request: {user + system:.1f} us "
+            f"CPU per keep-alive 1 KiB {args.mode} request: {user + system:.1f} us "
             f"(user {user:.1f}, system {system:.1f}) over {requests} requests"
         )
         if args.spy:
