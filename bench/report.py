@@ -128,7 +128,7 @@ def forward_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
     )
     lines = [head, "|" + "---|" * 11]
     for row in ROWS:
-        if row.kind == "reverse" or row.name not in aggs:
+        if row.kind in ("reverse", "tcp") or row.name not in aggs:
             continue
         a = aggs[row.name]
         m = a["median"]
@@ -154,27 +154,34 @@ def forward_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
     return "\n".join(lines)
 
 
-def reverse_table(aggs: dict[str, dict[str, Any]]) -> str:
-    def base(row: str) -> float | None:
-        a = aggs.get(row)
-        return a["median"]["wrk_rps"] if a and a["ran"] else None
+def reverse_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
+    """Reverse proxies (against nginx) and TCP relays (against HAProxy in mode tcp)."""
 
+    def base(row: str, key: str) -> float | None:
+        a = aggs.get(row)
+        return a["median"][key] if a and a["ran"] else None
+
+    anchor = {"reverse": "nginx-reverse", "tcp": "haproxy-tcp", "direct": "nginx-reverse"}
     head = (
-        "| row | keep-alive 1 KiB req/s (×direct / ×nginx) | p50 ms | p99 ms "
-        "| RSS under load, MiB | procs | origin saw | checks |"
+        "| row | keep-alive 1 KiB req/s (×direct / ×anchor) | p50 ms | p99 ms "
+        f"| GET {blob_mib} MiB, MB/s (×direct / ×anchor) | RSS under load, MiB | RSS Δ GET, MiB "
+        "| procs | origin saw | checks |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 10]
     for row in ROWS:
         if row.kind == "forward" or row.name not in aggs:
             continue
         a = aggs[row.name]
         m = a["median"]
+        other = anchor[row.kind]
         cells = [
             f"**{row.name}**",
-            _cell(m["wrk_rps"], [base("direct"), base("nginx-reverse")]),
+            _cell(m["wrk_rps"], [base("direct", "wrk_rps"), base(other, "wrk_rps")]),
             _num(m["wrk_p50_ms"], 2),
             _num(m["wrk_p99_ms"], 2),
+            _cell(m["get_mbps"], [base("direct", "get_mbps"), base(other, "get_mbps")]),
             _num(m["rss_load_mib"], 1) if row.kind != "direct" else "–",
+            _num(m["rss_get_delta_mib"], 1) if row.kind != "direct" else "–",
             _num(m["procs"]),
             _saw(a),
             _checks(a),
@@ -285,9 +292,11 @@ def render(
         "",
         forward_table(aggs, blob_mib),
         "",
-        "## Reverse proxies",
+        "## Reverse proxies and TCP relays",
         "",
-        reverse_table(aggs),
+        "The anchor is nginx for reverse rows and HAProxy in mode tcp for tcp rows.",
+        "",
+        reverse_table(aggs, blob_mib),
         "",
         "Rows:",
         "",

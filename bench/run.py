@@ -124,7 +124,7 @@ def _mib(kib: int) -> float:
 def wait_ready(row: Row, env: Env, running: Running) -> str:
     """Retry a request to /ip through the row until it works; returns what the origin saw."""
     proxy = running.hostport if row.kind == "forward" else None
-    if row.kind == "reverse":
+    if row.kind in ("reverse", "tcp"):
         url = f"http://{running.hostport}/ip"
     else:
         url = f"{env.origin_url}/ip"
@@ -184,19 +184,17 @@ def measure(row: Row, env: Env, s: Settings, blob: Blob) -> dict[str, Any]:
             print(f"    wrk: {w.rps:,.0f} req/s, p99 {w.p99_ms:.2f} ms", flush=True)
         except BenchError as exc:
             problems.append(str(exc))
-        if row.kind == "reverse":
-            return res
-
-        # 2. ab, no keep-alive.
-        try:
-            a = clients.ab(f"{env.origin_url}/{ONE_KIB}", proxy, s.ab_requests, s.ab_time_limit)
-            res["ab"] = a.as_dict()
-            res["ab_rps"] = a.rps
-            if a.errors:
-                problems.append(f"ab: {a.error_text()}")
-            print(f"    ab:  {a.rps:,.0f} req/s ({a.complete} requests)", flush=True)
-        except BenchError as exc:
-            problems.append(str(exc))
+        # 2. ab, no keep-alive (forward proxies and the direct baseline).
+        if row.kind in ("forward", "direct"):
+            try:
+                a = clients.ab(f"{env.origin_url}/{ONE_KIB}", proxy, s.ab_requests, s.ab_time_limit)
+                res["ab"] = a.as_dict()
+                res["ab_rps"] = a.rps
+                if a.errors:
+                    problems.append(f"ab: {a.error_text()}")
+                print(f"    ab:  {a.rps:,.0f} req/s ({a.complete} requests)", flush=True)
+            except BenchError as exc:
+                problems.append(str(exc))
 
         if forward:
             try:
@@ -207,9 +205,12 @@ def measure(row: Row, env: Env, s: Settings, blob: Blob) -> dict[str, Any]:
             except BenchError as exc:
                 problems.append(f"CONNECT check: {exc}")
 
-        # 3./4. curl: the big body through the proxy, then through a CONNECT tunnel.
+        # 3./4. curl: the big body through the proxy, then through a CONNECT tunnel
+        # (reverse and tcp rows: from the row's own address, as a client would).
         dl = WORK / "download.bin"
         blob_url = f"{env.origin_url}/{blob.name}"
+        if row.kind in ("reverse", "tcp"):
+            blob_url = f"http://{running.hostport}/{blob.name}"
         tunnels = (False, True) if forward else (False,)
         for tunnel in tunnels:
             label = "connect" if tunnel else "get"
@@ -227,7 +228,7 @@ def measure(row: Row, env: Env, s: Settings, blob: Blob) -> dict[str, Any]:
             else:
                 problems.append(f"curl {label.upper()}: {c.problem}")
             print(f"    curl {label}: {c.mb_per_s:,.0f} MB/s {c.problem}", flush=True)
-        if not forward:  # direct: no tunnel; its GET is the baseline for both columns
+        if row.kind == "direct":  # no tunnel; its GET is the baseline for both columns
             res["connect_mbps"] = res.get("get_mbps")
         return res
     finally:

@@ -20,7 +20,7 @@ from bench.procs import BenchError, Managed, clean_env, free_port
 REPO = Path(__file__).resolve().parent.parent
 KUSHI = REPO / ".venv" / "bin" / "kushi"
 
-Kind = Literal["direct", "forward", "reverse"]
+Kind = Literal["direct", "forward", "reverse", "tcp"]
 
 
 @dataclass
@@ -204,6 +204,10 @@ backend origin
     http-reuse always
     server origin {env.origin_authority}
 """
+    return _run_haproxy("haproxy", d, conf, port)
+
+
+def _run_haproxy(name: str, d: Path, conf: str, port: int) -> Running:
     cfg = d / "haproxy.cfg"
     cfg.write_text(conf)
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -216,10 +220,32 @@ backend origin
     )
     if check.returncode != 0:
         raise BenchError(f"haproxy -c failed: {(check.stdout + check.stderr).strip()[-500:]}")
-    m = Managed("haproxy", [haproxy, "-db", "-f", str(cfg)], cwd=d, log=d / "stdout.log")
+    m = Managed(name, [haproxy, "-db", "-f", str(cfg)], cwd=d, log=d / "stdout.log")
     m.start()
     m.wait_port("127.0.0.1", port)
     return Running(m, "127.0.0.1", port)
+
+
+def start_haproxy_tcp(env: Env) -> Running:
+    d = env.dir("haproxy-tcp")
+    port = free_port()
+    conf = f"""\
+global
+    nbthread 1
+    maxconn 4096
+    pidfile {d}/haproxy.pid
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+listen relay
+    bind 127.0.0.1:{port}
+    server origin {env.origin_authority}
+"""
+    return _run_haproxy("haproxy-tcp", d, conf, port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +468,21 @@ backend = ["{env.origin_url}"]
     return _start_kushi("kushi-reverse", env, toml, port)
 
 
+def start_kushi_tcp(env: Env) -> Running:
+    port = free_port()
+    toml = f"""\
+access_log = ""          # off
+log_level = "warning"
+workers = 1
+
+[[listener]]
+mode = "tcp"
+listen = ["127.0.0.1:{port}"]
+backend = ["{env.origin_authority}"]
+"""
+    return _start_kushi("kushi-tcp", env, toml, port)
+
+
 # ---------------------------------------------------------------------------------------------
 # The rows, in table order
 
@@ -473,6 +514,14 @@ ROWS: list[Row] = [
         start_kushi_reverse,
         kushi_available,
     ),
+    Row(
+        "haproxy-tcp",
+        "tcp",
+        "HAProxy, mode tcp, nbthread 1",
+        start_haproxy_tcp,
+        _which("haproxy"),
+    ),
+    Row("kushi-tcp", "tcp", "kushi tcp listener, workers = 1", start_kushi_tcp, kushi_available),
 ]
 
 ROW_NAMES = [r.name for r in ROWS]
