@@ -453,34 +453,25 @@ workers = {workers}
     return start
 
 
-def start_kushi_reverse(env: Env) -> Running:
-    port = free_port()
-    toml = f"""\
+def _kushi_listener(mode: str) -> Callable[[Env], Running]:
+    """kushi with one reverse or tcp ``[[listener]]`` in front of the origin, 1 worker."""
+
+    def start(env: Env) -> Running:
+        port = free_port()
+        backend = env.origin_url if mode == "reverse" else env.origin_authority
+        toml = f"""\
 access_log = ""          # off
 log_level = "warning"
 workers = 1
 
 [[listener]]
-mode = "reverse"
+mode = "{mode}"
 listen = ["127.0.0.1:{port}"]
-backend = ["{env.origin_url}"]
+backend = ["{backend}"]
 """
-    return _start_kushi("kushi-reverse", env, toml, port)
+        return _start_kushi(f"kushi-{mode}", env, toml, port)
 
-
-def start_kushi_tcp(env: Env) -> Running:
-    port = free_port()
-    toml = f"""\
-access_log = ""          # off
-log_level = "warning"
-workers = 1
-
-[[listener]]
-mode = "tcp"
-listen = ["127.0.0.1:{port}"]
-backend = ["{env.origin_authority}"]
-"""
-    return _start_kushi("kushi-tcp", env, toml, port)
+    return start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +502,7 @@ ROWS: list[Row] = [
         "kushi-reverse",
         "reverse",
         "kushi reverse listener, workers = 1",
-        start_kushi_reverse,
+        _kushi_listener("reverse"),
         kushi_available,
     ),
     Row(
@@ -521,7 +512,13 @@ ROWS: list[Row] = [
         start_haproxy_tcp,
         _which("haproxy"),
     ),
-    Row("kushi-tcp", "tcp", "kushi tcp listener, workers = 1", start_kushi_tcp, kushi_available),
+    Row(
+        "kushi-tcp",
+        "tcp",
+        "kushi tcp listener, workers = 1",
+        _kushi_listener("tcp"),
+        kushi_available,
+    ),
 ]
 
 ROW_NAMES = [r.name for r in ROWS]
