@@ -256,13 +256,6 @@ class Conn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
 
-async def open_conn(sock: socket.socket) -> Conn:
-    """Wrap a connected, non-blocking socket."""
-    loop = asyncio.get_running_loop()
-    _transport, conn = await loop.create_connection(Conn, sock=sock)
-    return conn
-
-
 async def serve_socket(
     sock: socket.socket,
     handler: Callable[[Conn], Coroutine[Any, Any, None]],

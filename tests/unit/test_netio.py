@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 import uvloop
 
-from kushi.netio import Conn, open_conn
+from kushi.netio import Conn
 
 
 async def _pair() -> tuple[Conn, socket.socket]:
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    return await open_conn(ours), theirs
+    _transport, conn = await asyncio.get_running_loop().create_connection(Conn, sock=ours)
+    return conn, theirs
 
 
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
