@@ -105,7 +105,7 @@ class Limits:
     max_header_bytes: int = 65536
     max_connections: int = 10000
     max_connections_per_client: int = 256
-    upstream_pool_size: int = 32
+    upstream_pool_size: int = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -588,6 +589,42 @@ def test_persistent_connection_two_requests_reuse_it(
     (b,) = origin.wait_for(m2)
     # kushi kept its upstream connection too: both arrived on one origin connection.
     assert a["conn"] == b["conn"] and b["seq"] == a["seq"] + 1
+
+
+def test_concurrent_clients_reuse_upstream_connections_without_churn(
+    kushi: Proxy, origin: Origin
+) -> None:
+    """64 kept-alive clients in lockstep, 8 requests each: every upstream connection kushi
+    opens is pooled and reused, so the origin sees at most one connection per client. (A
+    pool capped below the concurrency closes connections that the next round reopens: with
+    the old cap of 32 this saw well over 64.)"""
+    clients, rounds = 64, 8
+    tag = marker()
+    barrier = threading.Barrier(clients)
+    failures: list[str] = []
+
+    def client(i: int) -> None:
+        try:
+            with Raw(kushi.port) as c:
+                for r in range(rounds):
+                    barrier.wait(timeout=30)
+                    c.send(request("GET", origin.url(f"/1k?{tag}-{i}-{r}")))
+                    resp = c.response()
+                    if resp.status != 200 or resp.body != ONE_K:
+                        failures.append(f"client {i} round {r}: {resp.status}")
+        except Exception as exc:  # reported below; a broken barrier stops the others
+            failures.append(f"client {i}: {exc!r}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failures, failures[:5]
+    records = origin.wait_for(tag, count=clients * rounds)
+    assert len(records) == clients * rounds
+    assert len({r["conn"] for r in records}) <= clients
 
 
 def test_pipelining_three_requests_in_one_write_answered_in_order(
