@@ -179,21 +179,17 @@ def start_nginx_reverse(env: Env) -> Running:
 # HAProxy (reverse)
 
 
-def start_haproxy(env: Env) -> Running:
-    d = env.dir("haproxy")
-    port = free_port()
-    conf = f"""\
-global
-    nbthread 1
-    maxconn 4096
-    pidfile {d}/haproxy.pid
+def _haproxy(mode: str) -> Callable[[Env], Running]:
+    """HAProxy, one thread: an HTTP reverse proxy reusing upstream connections, or a plain
+    TCP relay (``mode tcp``), in front of the origin."""
 
-defaults
-    mode http
+    def start(env: Env) -> Running:
+        name = "haproxy" if mode == "http" else f"haproxy-{mode}"
+        d = env.dir(name)
+        port = free_port()
+        if mode == "http":
+            body = f"""\
     option http-keep-alive
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
     timeout http-keep-alive 60s
 
 frontend fe
@@ -204,48 +200,44 @@ backend origin
     http-reuse always
     server origin {env.origin_authority}
 """
-    return _run_haproxy("haproxy", d, conf, port)
+        else:
+            body = f"""\
 
-
-def _run_haproxy(name: str, d: Path, conf: str, port: int) -> Running:
-    cfg = d / "haproxy.cfg"
-    cfg.write_text(conf)
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    check = subprocess.run(
-        [haproxy, "-c", "-q", "-f", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-    )
-    if check.returncode != 0:
-        raise BenchError(f"haproxy -c failed: {(check.stdout + check.stderr).strip()[-500:]}")
-    m = Managed(name, [haproxy, "-db", "-f", str(cfg)], cwd=d, log=d / "stdout.log")
-    m.start()
-    m.wait_port("127.0.0.1", port)
-    return Running(m, "127.0.0.1", port)
-
-
-def start_haproxy_tcp(env: Env) -> Running:
-    d = env.dir("haproxy-tcp")
-    port = free_port()
-    conf = f"""\
+listen relay
+    bind 127.0.0.1:{port}
+    server origin {env.origin_authority}
+"""
+        conf = f"""\
 global
     nbthread 1
     maxconn 4096
     pidfile {d}/haproxy.pid
 
 defaults
-    mode tcp
+    mode {mode}
     timeout connect 5s
     timeout client 60s
     timeout server 60s
+{body}"""
+        cfg = d / "haproxy.cfg"
+        cfg.write_text(conf)
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        check = subprocess.run(
+            [haproxy, "-c", "-q", "-f", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=clean_env(),
+        )
+        if check.returncode != 0:
+            out = (check.stdout + check.stderr).strip()[-500:]
+            raise BenchError(f"haproxy -c failed: {out}")
+        m = Managed(name, [haproxy, "-db", "-f", str(cfg)], cwd=d, log=d / "stdout.log")
+        m.start()
+        m.wait_port("127.0.0.1", port)
+        return Running(m, "127.0.0.1", port)
 
-listen relay
-    bind 127.0.0.1:{port}
-    server origin {env.origin_authority}
-"""
-    return _run_haproxy("haproxy-tcp", d, conf, port)
+    return start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +489,7 @@ ROWS: list[Row] = [
         start_nginx_reverse,
         _which("nginx"),
     ),
-    Row("haproxy", "reverse", "HAProxy, nbthread 1", start_haproxy, _which("haproxy")),
+    Row("haproxy", "reverse", "HAProxy, nbthread 1", _haproxy("http"), _which("haproxy")),
     Row(
         "kushi-reverse",
         "reverse",
@@ -509,7 +501,7 @@ ROWS: list[Row] = [
         "haproxy-tcp",
         "tcp",
         "HAProxy, mode tcp, nbthread 1",
-        start_haproxy_tcp,
+        _haproxy("tcp"),
         _which("haproxy"),
     ),
     Row(
