@@ -113,15 +113,18 @@ http {{
 """
 
 
+def _check_config(what: str, argv: list[str]) -> None:
+    """Run a server's own config check (``nginx -t``, ``haproxy -c``, ``squid -k parse``)."""
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=clean_env())
+    if res.returncode != 0:
+        raise BenchError(f"{what} failed: {(res.stdout + res.stderr).strip()[-500:]}")
+
+
 def _start_nginx(name: str, d: Path, conf: str) -> Managed:
     (d / "nginx.conf").write_text(conf)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     argv = [nginx, "-p", f"{d}/", "-c", str(d / "nginx.conf")]
-    test = subprocess.run(
-        [*argv, "-t", "-q"], capture_output=True, text=True, timeout=30, env=clean_env()
-    )
-    if test.returncode != 0:
-        raise BenchError(f"{name}: nginx -t failed: {test.stderr.strip()[-500:]}")
+    _check_config(f"{name}: nginx -t", [*argv, "-t", "-q"])
     m = Managed(name, argv, cwd=d, log=d / "stdout.log", pidfile=d / "nginx.pid")
     m.start()
     return m
@@ -222,16 +225,7 @@ defaults
         cfg = d / "haproxy.cfg"
         cfg.write_text(conf)
         haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        check = subprocess.run(
-            [haproxy, "-c", "-q", "-f", str(cfg)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=clean_env(),
-        )
-        if check.returncode != 0:
-            out = (check.stdout + check.stderr).strip()[-500:]
-            raise BenchError(f"haproxy -c failed: {out}")
+        _check_config("haproxy -c", [haproxy, "-c", "-q", "-f", str(cfg)])
         m = Managed(name, [haproxy, "-db", "-f", str(cfg)], cwd=d, log=d / "stdout.log")
         m.start()
         m.wait_port("127.0.0.1", port)
@@ -282,15 +276,7 @@ http_access deny all
     cfg = d / "squid.conf"
     cfg.write_text(conf)
     squid = shutil.which("squid") or "/usr/sbin/squid"
-    parse = subprocess.run(
-        [squid, "-k", "parse", "-f", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-    )
-    if parse.returncode != 0:
-        raise BenchError(f"squid -k parse failed: {(parse.stdout + parse.stderr)[-600:]}")
+    _check_config("squid -k parse", [squid, "-k", "parse", "-f", str(cfg)])
     m = Managed("squid", [squid, "-N", "-f", str(cfg)], cwd=d, log=d / "stdout.log")
     m.start()
     m.wait_port("127.0.0.1", port)
