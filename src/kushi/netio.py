@@ -62,12 +62,7 @@ class Conn(asyncio.Protocol):
         local = transport.get_extra_info("sockname") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
         self.local = (str(local[0]), int(local[1]))
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        # (TCP_NODELAY: uvloop and asyncio set it on every TCP transport they make.)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         if self._on_connect is not None:
             self._on_connect(self)

@@ -11,6 +11,7 @@ Concurrent lookups of one name share a single query.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import time
@@ -23,8 +24,10 @@ NEGATIVE_TTL = 5.0
 MAX_ENTRIES = 4096
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_literal(host: str) -> IPAddress | None:
-    """The address if ``host`` is an IP literal (an IPv4-mapped IPv6 one becomes IPv4)."""
+    """The address if ``host`` is an IP literal (an IPv4-mapped IPv6 one becomes IPv4).
+    (Cached: every connection asks for its client's and its own address.)"""
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import logging
 import os
@@ -191,7 +192,8 @@ class Server:
                     await self._refuse(state, client, info, limit_error)
                     return
                 peer = client_address(info.address)
-                info = replace(info, trusted=peer is not None and in_networks(peer, state.trusted))
+                if peer is not None and state.trusted and in_networks(peer, state.trusted):
+                    info = replace(info, trusted=True)
                 if state.cfg.mode == "tcp":
                     if not state.allow.allows(peer):
                         await self._refuse(
@@ -362,6 +364,7 @@ class Server:
             state.close()
 
 
+@functools.lru_cache(maxsize=4096)
 def _plain(host: str) -> str:
     """``::ffff:a.b.c.d`` is the IPv4 client it is; scope ids are dropped."""
     addr = client_address(host)
