@@ -108,6 +108,11 @@ class Conn(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this connection runs on (asking asyncio costs a system call)."""
+        return self._loop or asyncio.get_running_loop()
+
     # --- reading -------------------------------------------------------------------------
 
     async def _wait_data(self, deadline: float | None = None) -> None:
@@ -121,7 +126,7 @@ class Conn(asyncio.Protocol):
         if self._read_paused and self.transport is not None and len(self.buf) < READ_HIGH:
             self._read_paused = False
             self.transport.resume_reading()
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self.loop
         waiter = loop.create_future()
         self._waiter = waiter
         if deadline is not None:
@@ -194,7 +199,7 @@ class Conn(asyncio.Protocol):
             raise ConnectionResetError("connection lost")
         if not self._write_paused:
             return
-        waiter = (self._loop or asyncio.get_running_loop()).create_future()
+        waiter = self.loop.create_future()
         self._drain_waiter = waiter
         await waiter
 

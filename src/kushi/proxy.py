@@ -129,7 +129,7 @@ class HttpSession:
         self.client = client
         self.info = info
         self.config = services.config
-        self.loop = asyncio.get_running_loop()
+        self.loop = client.loop
         self.upstream: Upstream | None = None  # the one in use by the current request
         self._current_key: tuple[object, ...] | None = None
         self.serial = next(_SESSION_SERIAL)
