@@ -50,6 +50,8 @@ from kushi.runtime import ListenerState, Services
 from kushi.tcpmode import serve_tcp
 
 log = logging.getLogger("kushi")
+#: Stop (TERM, INT) and reload (HUP): relayed to every worker.
+CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 class StartupError(Exception):
@@ -422,6 +424,8 @@ async def run_server(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.reload(config.source, overrides))
+    # A signal that came during start-up waited (see ``serve``); it is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     if announce is not None:
         announce()
     await stop.wait()
@@ -436,7 +440,13 @@ def serve(
     extra_start: Callable[[Server], object] | None = None,
     worker_start: Callable[[Server], object] | None = None,
 ) -> int:
-    """Bind, start workers (or serve in this process) and block until stopped."""
+    """Bind, start workers (or serve in this process) and block until stopped.
+
+    SIGTERM, SIGINT and SIGHUP are held from here until the process that will handle them
+    is ready to (the event loop's handlers in a worker, the relay in the supervisor): a
+    stop sent once the port accepts connections is then always a graceful one, even
+    before the workers are up."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
     raise_fd_limit()
     sockets = bind_all(config)
     loop_name = install_event_loop()
@@ -468,9 +478,12 @@ def _supervise(
     children: dict[int, int] = {}
 
     def spawn(index: int) -> None:
+        # The child starts with the signals held; run_server releases them once its
+        # handlers are in place. The parent holds them until the child is in ``children``.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in CONTROL_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
@@ -488,6 +501,7 @@ def _supervise(
             finally:
                 os._exit(code)
         children[pid] = index
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     stopping = False
 
@@ -499,11 +513,13 @@ def _supervise(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in CONTROL_SIGNALS:
         signal.signal(sig, forward)
     for i in range(config.workers):
         spawn(i)
     announce()
+    # A stop or reload that came while the workers started is relayed to them now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     status = 0
     while children:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -224,8 +225,12 @@ def test_workers_share_the_listener_and_all_reload_and_stop(
     write_toml(config, top)
     kushi = Kushi(["serve", "--config", str(config)], tmp_path, [("127.0.0.1", port)])
     try:
+        # The port accepts as soon as it is bound, which is before the workers fork.
         children = Path(f"/proc/{kushi.proc.pid}/task/{kushi.proc.pid}/children")
-        assert len(children.read_text().split()) == 2
+        deadline = time.monotonic() + 10
+        while len(children.read_text().split()) != 2:
+            assert time.monotonic() < deadline, "two workers never started"
+            time.sleep(0.02)
         url = origin.url("/1k")
         assert [_status_via(port, url) for _ in range(20)] == [200] * 20
         write_toml(config, {**top, "allow": ["203.0.113.9/32"]})
@@ -241,3 +246,33 @@ def test_workers_share_the_listener_and_all_reload_and_stop(
         assert kushi.stop() == 0
     assert kushi.stderr.count("config reloaded") == 2
     assert kushi.stderr.count("stopping: no new connections") == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_while_starting_is_a_graceful_stop(tmp_path: Path, workers: int) -> None:
+    """SIGTERM sent as soon as the port accepts (the workers may not be up, the event loop
+    may have no handlers yet) stops kushi gracefully: exit 0, nothing left running. Before
+    the signals were held during start-up, a stop that reached the supervisor before its
+    workers forked was lost and kushi ran on."""
+    for attempt in range(5):
+        port = free_port()
+        config = tmp_path / f"kushi-{attempt}.toml"
+        write_toml(
+            config,
+            {
+                "listen": [f"127.0.0.1:{port}"],
+                "allow": ["127.0.0.0/8"],
+                "access_log": "",
+                "admin_listen": [],
+                "workers": workers,
+            },
+        )
+        kushi = Kushi(["serve", "--config", str(config)], tmp_path, [("127.0.0.1", port)])
+        kushi.proc.send_signal(signal.SIGTERM)
+        try:
+            code = kushi.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            kushi.proc.kill()
+            kushi.proc.wait()
+            raise AssertionError(f"attempt {attempt}: SIGTERM at start-up was ignored") from None
+        assert code == 0, kushi.stderr
