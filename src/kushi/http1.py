@@ -516,10 +516,17 @@ _REG_NAME_RE = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%]+")
 _IPV6_LITERAL_RE = re.compile(rb"\[[0-9A-Fa-f:.]+\]")
 
 
-@functools.lru_cache(maxsize=1024)
 def split_authority(authority: bytes) -> tuple[str, int | None]:
     """``host[:port]`` to (host without brackets, port or None). Raises ValueError.
-    (Cached: a client asks for the same few authorities over and over.)"""
+
+    Cached, as a client asks for the same few authorities over and over; only short ones,
+    so that a client cannot fill the cache with long junk (a DNS name has 253 bytes)."""
+    if len(authority) > 300:
+        return _split_authority(authority)
+    return _split_authority_cached(authority)
+
+
+def _split_authority(authority: bytes) -> tuple[str, int | None]:
     if authority.startswith(b"["):
         end = authority.find(b"]")
         if end < 0 or not _IPV6_LITERAL_RE.fullmatch(authority[: end + 1]):
@@ -539,6 +546,9 @@ def split_authority(authority: bytes) -> tuple[str, int | None]:
             raise ValueError("bad port")
         port = int(port_text)
     return host.decode("ascii").lower(), port
+
+
+_split_authority_cached = functools.lru_cache(maxsize=1024)(_split_authority)
 
 
 def valid_authority(authority: bytes) -> bool:

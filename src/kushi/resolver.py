@@ -24,10 +24,18 @@ NEGATIVE_TTL = 5.0
 MAX_ENTRIES = 4096
 
 
-@functools.lru_cache(maxsize=4096)
 def ip_literal(host: str) -> IPAddress | None:
     """The address if ``host`` is an IP literal (an IPv4-mapped IPv6 one becomes IPv4).
-    (Cached: every connection asks for its client's and its own address.)"""
+
+    Cached, as every connection asks for its client's and its own address; a string
+    longer than any IP literal (45 characters, a scope id of 15 more) is not one."""
+    if len(host) > 64:
+        return None
+    return _ip_literal(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_literal(host: str) -> IPAddress | None:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:

@@ -974,3 +974,15 @@ def test_render_error_without_details() -> None:
     data = http1.render_error(RequestError(), proxy_name="kushi", close=True)
     _, fields, _ = parse_error_response(data)
     assert fields[b"proxy-status"] == b"kushi; error=http_request_error"
+
+
+def test_split_authority_caches_only_short_authorities() -> None:
+    """Long authorities are parsed every time, so a client cannot fill the cache with junk."""
+    long_name = b"a" * 400 + b".test:8080"
+    assert http1.split_authority(long_name) == ("a" * 400 + ".test", 8080)
+    before = http1._split_authority_cached.cache_info().currsize
+    for i in range(50):
+        http1.split_authority(b"x" * 500 + str(i).encode())
+    assert http1._split_authority_cached.cache_info().currsize == before
+    assert http1.split_authority(b"[2001:db8::1]:443") == ("2001:db8::1", 443)
+    assert http1._split_authority_cached.cache_info().currsize <= before + 1

@@ -120,3 +120,13 @@ def test_mapped_client_addresses_match_ipv4_rules() -> None:
     mapped = ip_literal("::ffff:198.51.100.7")
     assert mapped is not None and allow.allows(mapped)
     assert AllowList(["::ffff:198.51.100.0/120"]).allows(ipaddress.ip_address("198.51.100.7"))
+
+
+def test_ip_literal_caches_only_what_could_be_an_address() -> None:
+    from kushi import resolver
+
+    assert resolver.ip_literal("::ffff:192.0.2.1") == ipaddress.ip_address("192.0.2.1")
+    assert resolver.ip_literal("fe80::1%eth0") == ipaddress.ip_address("fe80::1%eth0")
+    before = resolver._ip_literal.cache_info().currsize
+    assert resolver.ip_literal("h" * 100 + ".test") is None
+    assert resolver._ip_literal.cache_info().currsize == before
