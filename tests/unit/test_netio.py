@@ -111,3 +111,33 @@ def test_end_of_stream_and_close_cancel_the_timer() -> None:
         peer.close()
 
     _run(main)
+
+
+def test_tcp_connections_have_nodelay_without_kushi_setting_it() -> None:
+    """Conn relies on the event loop setting TCP_NODELAY on every TCP transport (uvloop and
+    asyncio both do): a small response must not wait for the peer's delayed ACK."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: list[Conn] = []
+
+        def factory() -> Conn:
+            conn = Conn()
+            accepted.append(conn)
+            return conn
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _transport, client = await loop.create_connection(Conn, "127.0.0.1", port)
+        await asyncio.sleep(0.05)
+        for conn in (client, *accepted):
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert accepted
+        for conn in (client, *accepted):
+            await conn.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    _run(main)
