@@ -66,16 +66,6 @@ def haproxy_config(frontend: str, kushi_ports: tuple[int, int]) -> str:
     return text
 
 
-def wait_ready(kushi: Kushi, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while "kushi ready" not in kushi.stderr:
-        if kushi.proc.poll() is not None:
-            raise RuntimeError(f"kushi exited with {kushi.proc.returncode}: {kushi.stderr}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"kushi not ready after {timeout}s: {kushi.stderr}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def kushi_instances(
     netns_reverse_topology: ReverseTopology, tmp_path: Path
@@ -107,7 +97,7 @@ def kushi_instances(
                     loopback_destinations=False,
                 )
             instances.append((kushi, port))
-            wait_ready(kushi)
+            kushi.wait_ready()
         yield instances
     finally:
         codes = [k.stop() for k, _ in instances]

@@ -65,17 +65,6 @@ OriginFactory = Callable[..., OriginProcess]
 # --- processes -------------------------------------------------------------------------------
 
 
-def wait_ready(kushi: Kushi, timeout: float = 15.0) -> None:
-    """Until kushi logs ``kushi ready`` (its sockets are listening by then)."""
-    deadline = time.monotonic() + timeout
-    while "kushi ready" not in kushi.stderr:
-        if kushi.proc.poll() is not None:
-            raise RuntimeError(f"kushi exited with {kushi.proc.returncode}: {kushi.stderr}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"kushi not ready after {timeout}s: {kushi.stderr}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def topo(netns_reverse_topology: ReverseTopology) -> ReverseTopology:
     return netns_reverse_topology
@@ -101,7 +90,7 @@ def kushi_factory(topo: ReverseTopology, tmp_path: Path) -> Iterator[KushiFactor
             warnings.simplefilter("ignore", ResourceWarning)
             kushi = Kushi(argv, tmp_path, netns=topo.proxy.ns, loopback_destinations=False)
         started.append(kushi)
-        wait_ready(kushi)
+        kushi.wait_ready()
         return kushi
 
     yield factory

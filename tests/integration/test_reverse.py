@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import tomllib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -34,18 +33,6 @@ KushiFactory = Callable[[Sequence[str]], Kushi]
 OriginFactory = Callable[..., OriginProcess]
 
 
-def wait_ready(kushi: Kushi, timeout: float = 15.0) -> None:
-    """Until kushi logs ``kushi ready``: its sockets are bound and listening by then, and no
-    probe connection ends up in an access log (a TCP listener would relay it)."""
-    deadline = time.monotonic() + timeout
-    while "kushi ready" not in kushi.stderr:
-        if kushi.proc.poll() is not None:
-            raise RuntimeError(f"kushi exited with {kushi.proc.returncode}: {kushi.stderr}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"kushi not ready after {timeout}s: {kushi.stderr}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def kushi_factory(tmp_path: Path) -> Iterator[KushiFactory]:
     started: list[Kushi] = []
@@ -55,7 +42,7 @@ def kushi_factory(tmp_path: Path) -> Iterator[KushiFactory]:
             warnings.simplefilter("ignore", ResourceWarning)
             kushi = Kushi(list(argv), tmp_path, loopback_destinations=False)
         started.append(kushi)
-        wait_ready(kushi)
+        kushi.wait_ready()
         return kushi
 
     yield factory

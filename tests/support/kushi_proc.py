@@ -105,6 +105,18 @@ class Kushi:
         for host, port in wait_for:
             self.wait_port(host, port)
 
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Until kushi logs ``kushi ready``: its sockets are bound and listening and its
+        signal handlers in place by then, and no probe connection ends up in an access log
+        (a TCP listener would relay it)."""
+        deadline = time.monotonic() + timeout
+        while "kushi ready" not in self.stderr:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kushi exited with {self.proc.returncode}: {self.stderr}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"kushi not ready after {timeout}s: {self.stderr}")
+            time.sleep(0.02)
+
     def wait_port(self, host: str, port: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
