@@ -42,6 +42,7 @@ from support import netns
 from support.kushi_proc import Kushi, write_toml
 from support.netns import ReverseTopology
 from support.origin import ONE_K, OriginProcess, pattern_bytes, pattern_chunks, pattern_sha256
+from support.rawhttp import ws_client_frame, ws_read_frame
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -442,27 +443,6 @@ def test_reverse_websocket_upgrade(
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
 
-    def frame(opcode: int, payload: bytes) -> bytes:
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            head = bytes([0x80 | opcode, 0x80 | n])
-        elif n < 65536:
-            head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-        else:
-            head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-        return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-    def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-        b0, b1 = recv_exact(sock, 2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(recv_exact(sock, 2), "big")
-        elif n == 127:
-            n = int.from_bytes(recv_exact(sock, 8), "big")
-        assert not b1 & 0x80, "server frames are not masked"
-        return b0, recv_exact(sock, n)
-
     with connect(topo, HTTP_PORT) as sock:
         sock.sendall(handshake.encode())
         resp = Response(recv_head(sock))
@@ -472,13 +452,17 @@ def test_reverse_websocket_upgrade(
         expected = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
         assert resp.header("sec-websocket-accept") == expected
         assert resp.header("proxy-status") is not None
-        sock.sendall(frame(0x1, b"hello from 2001:db8:2::2"))
-        assert read_frame(sock) == (0x81, b"hello from 2001:db8:2::2")
+
+        def read(n: int) -> bytes:
+            return recv_exact(sock, n)
+
+        sock.sendall(ws_client_frame(0x1, b"hello from 2001:db8:2::2"))
+        assert ws_read_frame(read) == (0x81, b"hello from 2001:db8:2::2")
         big = pattern_bytes(100_000)
-        sock.sendall(frame(0x2, big))
-        assert read_frame(sock) == (0x82, big)
-        sock.sendall(frame(0x8, (1000).to_bytes(2, "big")))
-        assert read_frame(sock) == (0x88, (1000).to_bytes(2, "big"))
+        sock.sendall(ws_client_frame(0x2, big))
+        assert ws_read_frame(read) == (0x82, big)
+        sock.sendall(ws_client_frame(0x8, (1000).to_bytes(2, "big")))
+        assert ws_read_frame(read) == (0x88, (1000).to_bytes(2, "big"))
         assert read_until_close(sock) == b""
     (req,) = origin.wait_requests(1)
     assert req["target"] == "/ws" and one_header(req, "Upgrade") == "websocket"

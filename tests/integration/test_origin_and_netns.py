@@ -29,6 +29,7 @@ from support.origin import (
     pattern_sha256,
     spawn_origin,
 )
+from support.rawhttp import ws_client_frame, ws_read_frame
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
@@ -210,29 +211,6 @@ def test_origin_keepalive_pipelining_and_chunked_trailers(origin_factory: Any) -
     assert out.startswith(b"HTTP/1.1 413") and b"100 Continue" not in out
 
 
-def _ws_frame(opcode: int, payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def _ws_read(f: Any) -> tuple[int, bytes]:
-    b0, b1 = f.read(2)
-    assert not b1 & 0x80, "server frames are not masked"
-    n = b1 & 0x7F
-    if n == 126:
-        n = int.from_bytes(f.read(2), "big")
-    elif n == 127:
-        n = int.from_bytes(f.read(8), "big")
-    return b0, f.read(n)
-
-
 def test_origin_websocket_echo(origin_factory: Any) -> None:
     origin: OriginProcess = origin_factory("[::1]:0")
     key = base64.b64encode(os.urandom(16)).decode()
@@ -249,15 +227,15 @@ def test_origin_websocket_echo(origin_factory: Any) -> None:
         assert status.startswith(b"HTTP/1.1 101")
         accept = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
         assert b"Sec-WebSocket-Accept: " + base64.b64encode(accept) in head
-        s.sendall(_ws_frame(0x1, b"hello"))
-        assert _ws_read(f) == (0x81, b"hello")
+        s.sendall(ws_client_frame(0x1, b"hello"))
+        assert ws_read_frame(f.read) == (0x81, b"hello")
         big = os.urandom(70_000)
-        s.sendall(_ws_frame(0x2, big))
-        assert _ws_read(f) == (0x82, big)
-        s.sendall(_ws_frame(0x9, b"ping"))
-        assert _ws_read(f) == (0x8A, b"ping")
-        s.sendall(_ws_frame(0x8, (1000).to_bytes(2, "big")))
-        assert _ws_read(f) == (0x88, (1000).to_bytes(2, "big"))
+        s.sendall(ws_client_frame(0x2, big))
+        assert ws_read_frame(f.read) == (0x82, big)
+        s.sendall(ws_client_frame(0x9, b"ping"))
+        assert ws_read_frame(f.read) == (0x8A, b"ping")
+        s.sendall(ws_client_frame(0x8, (1000).to_bytes(2, "big")))
+        assert ws_read_frame(f.read) == (0x88, (1000).to_bytes(2, "big"))
         assert f.read() == b""
         f.close()
 

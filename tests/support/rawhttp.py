@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+from collections.abc import Callable
 
 
 class Raw:
@@ -122,3 +124,31 @@ class Client:
             return True
         assert data == b"", f"kushi sent {data[:200]!r} instead of closing"
         return True
+
+
+# --- WebSocket frames (RFC 6455 section 5.2), as a client sends and reads them -------------
+
+
+def ws_client_frame(opcode: int, payload: bytes) -> bytes:
+    """A final, masked client frame (a client must mask every frame)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def ws_read_frame(read: Callable[[int], bytes]) -> tuple[int, bytes]:
+    """(first byte, payload) of the next server frame; ``read(n)`` returns n bytes."""
+    b0, b1 = read(2)
+    assert not b1 & 0x80, "server frames are not masked"
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(read(2), "big")
+    elif n == 127:
+        n = int.from_bytes(read(8), "big")
+    return b0, read(n)
