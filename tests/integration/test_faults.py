@@ -36,6 +36,7 @@ from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import OriginProcess, pattern_bytes, pattern_chunks
 from support.procstat import fd_count, settled_fd_count, wait_for
 from support.rawhttp import Client
+from support.tcpserver import ThreadedServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +46,7 @@ RST_LINGER = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: clo
 # --- helpers -----------------------------------------------------------------------------------
 
 
-class FaultOrigin:
+class FaultOrigin(ThreadedServer):
     """An origin on [::1] (one thread per connection, keep-alive) whose paths misbehave:
 
     - ``/half-rst/N``: Content-Length N, N/2 bytes of the body, then a reset;
@@ -60,31 +61,14 @@ class FaultOrigin:
     OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.bind(("::1", 0))
-        self.sock.listen(64)
-        self.port: int = self.sock.getsockname()[1]
-        self.accepted = 0
         self.requests: list[tuple[int, bytes]] = []  # (connection number, path)
         self.after_response = threading.Event()
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__("::1", nodelay=True)
 
     def url(self, path: str) -> str:
         return f"http://[::1]:{self.port}{path}"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, self.accepted), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, number: int) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         buf = path = b""
         try:
             while True:
@@ -134,11 +118,6 @@ class FaultOrigin:
             conn.close()
             if path in (b"/then-rst", b"/then-fin"):
                 self.after_response.set()
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,36 +17,20 @@ import bcrypt
 import pytest
 
 from support.kushi_proc import Kushi, free_port
+from support.tcpserver import ThreadedServer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class FaultyOrigin:
+class FaultyOrigin(ThreadedServer):
     """An origin on [::1] whose paths misbehave: /reset, /hang, /badstatus, /badchunk,
     /conflict (two Content-Lengths), /cut (closes mid-body), /ok."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("::1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.requests: list[bytes] = []
-        self.conns: list[socket.socket] = []
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__("::1")
 
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         data = b""
         try:
             while b"\r\n\r\n" not in data:
@@ -86,15 +69,6 @@ class FaultyOrigin:
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.running = False
-        self.sock.close()
-        for conn in self.conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
 
 
 @pytest.fixture(scope="module")

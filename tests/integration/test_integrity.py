@@ -27,6 +27,7 @@ import pytest
 
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import OriginProcess, pattern_chunks, pattern_sha256
+from support.tcpserver import ThreadedServer
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
@@ -45,30 +46,16 @@ def kushi_config(path: Path, port: int, connect_port: int | None = None) -> None
     )
 
 
-class HashingEcho:
+class HashingEcho(ThreadedServer):
     """A TCP echo server on 127.0.0.1 that hashes what it receives on each connection and
     half-closes after the client did."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port: int = self.sock.getsockname()[1]
         self.received: list[tuple[int, str]] = []  # (length, sha256) per finished connection
-        self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__("127.0.0.1")
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         digest, length = hashlib.sha256(), 0
         buf = bytearray(MiB)
         view = memoryview(buf)
@@ -82,11 +69,6 @@ class HashingEcho:
             return
         with self.lock:
             self.received.append((length, digest.hexdigest()))
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import socket
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import ONE_K, OriginProcess
 from support.procstat import fd_count, settled_fd_count, wait_for
 from support.rawhttp import Client
+from support.tcpserver import ThreadedServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,30 +52,13 @@ def start_kushi(workdir: Path, **settings: Any) -> tuple[Kushi, int]:
     return Kushi(["serve", "--config", str(path)], workdir, [("127.0.0.1", port)]), port
 
 
-class EchoServer:
+class EchoServer(ThreadedServer):
     """A TCP echo server on 127.0.0.1 (a CONNECT target); one thread per connection."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port: int = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__("127.0.0.1")
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         try:
             while data := conn.recv(65536):
                 conn.sendall(data)
@@ -83,37 +66,17 @@ class EchoServer:
         except OSError:
             pass
 
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
 
-
-class QuickOrigin:
+class QuickOrigin(ThreadedServer):
     """A keep-alive origin on [::1] that answers every request head with one ``sendall`` of
     ``200 ok`` and sets TCP_NODELAY, so a latency figure measures kushi, not the origin."""
 
     RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.bind(("::1", 0))
-        self.sock.listen(64)
-        self.port: int = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__("::1", nodelay=True)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         buf = b""
         try:
             while True:
@@ -126,11 +89,6 @@ class QuickOrigin:
                 conn.sendall(self.RESPONSE)
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
 
 
 @pytest.fixture

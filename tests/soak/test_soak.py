@@ -36,6 +36,7 @@ import pytest
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import ONE_K, OriginProcess, pattern_bytes, pattern_chunks, pattern_sha256
 from support.procstat import fd_count, rss_bytes, settled_fd_count
+from support.tcpserver import ThreadedServer
 
 SOAK_SECONDS = float(os.environ.get("KUSHI_SOAK_SECONDS", "60"))
 WORKERS = 16
@@ -50,45 +51,19 @@ RSS_SLACK = 20 * MiB
 # --- the far ends --------------------------------------------------------------------------------
 
 
-class EchoServer:
+class EchoServer(ThreadedServer):
     """A TCP echo server on 127.0.0.1, the target of the CONNECT tunnels."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port: int = self.sock.getsockname()[1]
-        self.conns: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__("127.0.0.1")
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.conns.add(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         try:
             while data := conn.recv(256 * KiB):
                 conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        finally:
-            with self.lock:
-                self.conns.discard(conn)
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        with self.lock:
-            for conn in self.conns:
-                conn.close()
 
 
 # --- one client's view -----------------------------------------------------------------------
