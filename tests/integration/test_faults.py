@@ -36,7 +36,7 @@ from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import OriginProcess, pattern_bytes, pattern_chunks
 from support.procstat import fd_count, settled_fd_count, wait_for
 from support.rawhttp import Client
-from support.tcpserver import ThreadedServer
+from support.tcpserver import ThreadedServer, read_head
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,12 +72,10 @@ class FaultOrigin(ThreadedServer):
         buf = path = b""
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
+                got = read_head(conn, buf)
+                if got is None:
+                    return
+                head, buf = got
                 path = head.split(b" ", 2)[1]
                 self.requests.append((number, path))
                 if path.startswith(b"/half-rst/"):

@@ -29,7 +29,7 @@ from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import ONE_K, OriginProcess
 from support.procstat import fd_count, settled_fd_count, wait_for
 from support.rawhttp import Client
-from support.tcpserver import ThreadedServer
+from support.tcpserver import ThreadedServer, read_head
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -80,12 +80,10 @@ class QuickOrigin(ThreadedServer):
         buf = b""
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                _, _, buf = buf.partition(b"\r\n\r\n")
+                got = read_head(conn, buf)
+                if got is None:
+                    return
+                buf = got[1]
                 conn.sendall(self.RESPONSE)
         except OSError:
             pass

@@ -55,3 +55,15 @@ class ThreadedServer:
             conns = list(self.conns)
         for conn in conns:
             conn.close()
+
+
+def read_head(conn: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes] | None:
+    """The next request head on ``conn`` (``buf``: bytes already read) and what followed it;
+    None when the peer closed first."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
