@@ -22,8 +22,9 @@ own_policy=0
 if [ ! -e "$policy" ]; then
   printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
 fi
-apt-get update -qq >/dev/null || true
-if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+# Several installs may run at once (parallel test runs): wait for the dpkg lock.
+apt-get -o DPkg::Lock::Timeout=900 update -qq >/dev/null || true
+if ! apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
   echo "ensure-packages: could not install some of ${missing[*]}; tests that need them will be skipped" >&2
 fi
 [ "$own_policy" -eq 1 ] && rm -f "$policy"
