@@ -65,11 +65,6 @@ class Htpasswd:
         scheme, _, token = header.strip().partition(b" ")
         if scheme.lower() != b"basic":
             return None
-        mac = hmac.new(self._key, token.strip(), hashlib.sha256).digest()
-        now = time.monotonic()
-        hit = self._verified.get(mac)
-        if hit is not None and hit[0] > now:
-            return hit[1]
         try:
             decoded = base64.b64decode(token.strip(), validate=True)
         except (binascii.Error, ValueError):
@@ -77,7 +72,16 @@ class Htpasswd:
         user_b, sep, password = decoded.partition(b":")
         if not sep:
             return None
-        user = user_b.decode("utf-8", "replace")
+        return self.verify(user_b.decode("utf-8", "replace"), password)
+
+    def verify(self, user: str, password: bytes) -> str | None:
+        """``user`` if ``password`` is theirs, else None (SOCKS5's RFC 1929 sub-negotiation
+        and HTTP Basic share this check and its cache)."""
+        mac = hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()
+        now = time.monotonic()
+        hit = self._verified.get(mac)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         digest = self.users.get(user)
         ok = bcrypt.checkpw(password, digest if digest is not None else self._dummy)
         if not ok or digest is None:

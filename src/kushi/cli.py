@@ -1,4 +1,4 @@
-"""The command line: ``kushi [serve|reverse|tcp|config] ...``.
+"""The command line: ``kushi [serve|socks|reverse|tcp|config] ...``.
 
 Flags are turned into a dict keyed like the config file and handed to ``load_config``,
 which is the only place options are validated. A bad flag or config value prints one
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from kushi import __version__
-from kushi.config import GLOBAL_KEYS, LISTENER_KEYS, Config, load_config
+from kushi.config import DEFAULT_CONNECT_PORTS, GLOBAL_KEYS, LISTENER_KEYS, Config, load_config
 from kushi.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -32,7 +32,10 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
         action="append",
         metavar="HOST:PORT",
         help="address to listen on (repeatable; IPv6 in brackets, e.g. [::1]:3128)"
-        + (" [default: 127.0.0.1:3128 and [::1]:3128]" if mode == "forward" else ""),
+        + {
+            "forward": " [default: 127.0.0.1:3128 and [::1]:3128]",
+            "socks": " [default: 127.0.0.1:1080 and [::1]:1080]",
+        }.get(mode, ""),
     )
     p.add_argument(
         "--egress",
@@ -44,7 +47,7 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
         action="append",
         metavar="CIDR|HOST",
         help="client addresses allowed (repeatable; a host name is re-resolved periodically) "
-        + ("[default: loopback only]" if mode == "forward" else "[default: everyone]"),
+        + ("[default: loopback only]" if mode in ("forward", "socks") else "[default: everyone]"),
     )
     p.add_argument(
         "--access-log", metavar="PATH|-", help="access log file, - for stdout, '' for off"
@@ -73,10 +76,51 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
     )
 
 
+def _proxy_flags(p: argparse.ArgumentParser, mode: str) -> None:
+    """Flags of the listeners that connect where their clients say (serve, socks)."""
+    ports = ",".join(str(port) for port in sorted(DEFAULT_CONNECT_PORTS[mode]))
+    p.add_argument(
+        "--connect-ports",
+        metavar="PORTS",
+        help=f"ports CONNECT may reach, e.g. 443,8443 [default: {ports}]",
+    )
+    p.add_argument(
+        "--allow-destination",
+        dest="allow_destinations",
+        action="append",
+        metavar="CIDR[ PORTS]",
+        help="destinations allowed despite the built-in refusals (loopback, link-local, "
+        "metadata, multicast), e.g. '::1/128' or '10.0.0.0/8 80,443' (repeatable)",
+    )
+    p.add_argument(
+        "--deny-destination",
+        dest="deny_destinations",
+        action="append",
+        metavar="CIDR[ PORTS]",
+        help="destinations refused with destination_ip_prohibited (repeatable)",
+    )
+    p.add_argument(
+        "--auth-file",
+        metavar="HTPASSWD",
+        help=(
+            "require Proxy-Authorization: Basic checked against this htpasswd file"
+            if mode == "forward"
+            else "require SOCKS5 username/password (RFC 1929) checked against this htpasswd file"
+        )
+        + " (bcrypt entries only: htpasswd -B)",
+    )
+    p.add_argument(
+        "--open",
+        action="store_true",
+        default=None,
+        help="allow starting with a non-loopback listener whose allow list admits everyone",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kushi",
-        description="kushi: an HTTP proxy that bridges IPv4 and IPv6.",
+        description="kushi: an HTTP and SOCKS5 proxy that bridges IPv4 and IPv6.",
         epilog="Bare `kushi` is `kushi serve`. See README.md for the config file reference.",
     )
     parser.add_argument("--version", action="version", version=f"kushi {__version__}")
@@ -85,41 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the forward proxy (and every listener in --config)",
-        description="Forward proxy: IPv4 clients in, IPv6 (first or only) out.",
+        description="Forward proxy: IPv4 clients in, IPv6 (first or only) out. The same "
+        "port also serves SOCKS5 clients (--no-socks turns that off).",
     )
     _common(serve, "forward")
+    _proxy_flags(serve, "forward")
     serve.add_argument(
-        "--connect-ports",
-        metavar="PORTS",
-        help="ports CONNECT may reach, e.g. 443,8443 [default: 443]",
-    )
-    serve.add_argument(
-        "--allow-destination",
-        dest="allow_destinations",
-        action="append",
-        metavar="CIDR[ PORTS]",
-        help="destinations allowed despite the built-in refusals (loopback, link-local, "
-        "metadata, multicast), e.g. '::1/128' or '10.0.0.0/8 80,443' (repeatable)",
-    )
-    serve.add_argument(
-        "--deny-destination",
-        dest="deny_destinations",
-        action="append",
-        metavar="CIDR[ PORTS]",
-        help="destinations refused with destination_ip_prohibited (repeatable)",
-    )
-    serve.add_argument(
-        "--auth-file",
-        metavar="HTPASSWD",
-        help="require Proxy-Authorization: Basic checked against this htpasswd file "
-        "(bcrypt entries only: htpasswd -B)",
-    )
-    serve.add_argument(
-        "--open",
-        action="store_true",
+        "--no-socks",
+        dest="socks",
+        action="store_false",
         default=None,
-        help="allow starting with a non-loopback listener whose allow list admits everyone",
+        help="serve only HTTP on this port, not SOCKS5 too (socks = false)",
     )
+    socks = sub.add_parser(
+        "socks",
+        help="run a SOCKS5 proxy (RFC 1928: CONNECT and UDP ASSOCIATE)",
+        description="SOCKS5 proxy for ssh, git, mail clients, browsers and any SOCKS "
+        "program: IPv4 clients in, IPv6 (first or only) out, names resolved by kushi.",
+    )
+    _common(socks, "socks")
+    _proxy_flags(socks, "socks")
 
     for mode, what in (
         ("reverse", "HTTP reverse proxy: put an HTTP backend on IPv6"),
@@ -180,7 +209,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         key: value for key, value in vars(args).items() if key in known and value is not None
     }
-    if args.command in ("reverse", "tcp"):
+    if args.command in ("reverse", "tcp", "socks"):
         out["mode"] = args.command
     return out
 

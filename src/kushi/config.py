@@ -29,16 +29,27 @@ from typing import Any, Literal, cast
 
 from kushi.errors import ConfigError
 
-Mode = Literal["forward", "reverse", "tcp"]
+Mode = Literal["forward", "reverse", "tcp", "socks"]
 EgressPolicy = Literal["prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-MODES: tuple[Mode, ...] = ("forward", "reverse", "tcp")
+MODES: tuple[Mode, ...] = ("forward", "reverse", "tcp", "socks")
 EGRESS_POLICIES: tuple[EgressPolicy, ...] = ("prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only")
 LOG_FORMATS = ("squid", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPBACK_ONLY = ("127.0.0.0/8", "::1/128")
 EVERYONE = ("0.0.0.0/0", "::/0")
+#: Modes that connect where their clients say (allow list, destination policy, open-proxy
+#: guard); reverse and TCP listeners connect only to their configured backends.
+PROXY_MODES = ("forward", "socks")
+#: CONNECT ports by mode. A SOCKS listener is what ssh, git over ssh, mail clients and
+#: browsers use, so it also reaches ssh (22), HTTP (80) and the mail submission and
+#: retrieval ports over TLS (465, 587, 993, 995) -- never 25: an open relay to port 25
+#: is how spam leaves.
+DEFAULT_CONNECT_PORTS = {
+    "forward": frozenset({443}),
+    "socks": frozenset({22, 80, 443, 465, 587, 993, 995}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +96,14 @@ def parse_hostport(text: str, key: str, default_port: int | None = None) -> Addr
     return Address(host, int(port_text))
 
 
+#: Where a listener listens when no ``listen`` is given (loopback only): 3128 is the
+#: HTTP proxy port (Squid's), 1080 the SOCKS port (RFC 1928 section 3).
+DEFAULT_LISTEN: dict[str, tuple[Address, ...]] = {
+    "forward": (Address("127.0.0.1", 3128), Address("::1", 3128)),
+    "socks": (Address("127.0.0.1", 1080), Address("::1", 1080)),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Seconds. ``happy_eyeballs_delay`` is RFC 8305's Connection Attempt Delay."""
@@ -121,6 +140,9 @@ class Listener:
     nat64: Literal["allow", "refuse"] = "allow"
     nat64_prefixes: tuple[ipaddress.IPv6Network, ...] = (ipaddress.IPv6Network("64:ff9b::/96"),)
     connect_ports: frozenset[int] = frozenset({443})
+    #: A forward listener also serves SOCKS5 clients on its port (told apart by the first
+    #: byte, 0x05); false turns that off.
+    socks: bool = True
     access_log: str | None = "-"
     access_log_format: Literal["squid", "json"] = "squid"
     backend: tuple[str, ...] = ()
@@ -283,7 +305,7 @@ def _listener_value(key: str, value: Any) -> Any:
         return addrs
     if key == "allow":
         return _allow_entries(key, value)
-    if key in ("open", "preserve_host", "proxy_protocol"):
+    if key in ("open", "preserve_host", "proxy_protocol", "socks"):
         return _bool(key, value)
     if key == "egress":
         return _choice(key, value, EGRESS_POLICIES)
@@ -330,9 +352,9 @@ def _listener_value(key: str, value: Any) -> Any:
 
 def _check_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> None:
     key = f"listener {name}: backend"
-    if mode == "forward":
+    if mode in PROXY_MODES:
         if backends:
-            raise ConfigError(key, "a forward listener has no backend (it forwards by URL)")
+            raise ConfigError(key, f"a {mode} listener has no backend (its clients name targets)")
         return
     if not backends:
         raise ConfigError(key, f"a {mode} listener needs at least one backend")
@@ -348,15 +370,16 @@ def _check_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> None:
 
 def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
     mode = cast(Mode, values.get("mode", "forward"))
-    default_listen = (Address("127.0.0.1", 3128), Address("::1", 3128))
-    listen = values.get("listen", default_listen if mode == "forward" else None)
+    listen = values.get("listen", DEFAULT_LISTEN.get(mode))
     if listen is None:
         raise ConfigError(f"listener {name}: listen", f"a {mode} listener needs listen addresses")
-    allow = values.get("allow", LOOPBACK_ONLY if mode == "forward" else EVERYONE)
+    allow = values.get("allow", LOOPBACK_ONLY if mode in PROXY_MODES else EVERYONE)
     kwargs = {k: v for k, v in values.items() if k not in ("mode", "listen", "allow")}
+    if mode in DEFAULT_CONNECT_PORTS:
+        kwargs.setdefault("connect_ports", DEFAULT_CONNECT_PORTS[mode])
     listener = Listener(name=name, mode=mode, listen=listen, allow=allow, **kwargs)
     _check_backends(name, mode, listener.backend)
-    if listener.mode == "forward" and not listener.open:
+    if listener.mode in PROXY_MODES and not listener.open:
         public = [a for a in listener.listen if not _is_loopback(a.host)]
         guarded = listener.auth_file is not None and listener.auth_combine == "both"
         if public and any(entry in EVERYONE for entry in listener.allow) and not guarded:

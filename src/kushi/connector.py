@@ -173,6 +173,17 @@ class Connector:
     ) -> Upstream:
         """Resolve, order by ``policy``, drop what ``check`` (and the connector's own check)
         refuses, and race the rest."""
+        candidates = await self.candidates(host, port, policy, check)
+        return await self.race(host, port, candidates, policy)
+
+    async def candidates(
+        self,
+        host: str,
+        port: int,
+        policy: EgressPolicy,
+        check: DestinationCheck | None = None,
+    ) -> list[tuple[IPAddress, Family]]:
+        """The addresses kushi may use for ``host``:``port``, in the policy's order."""
         addrs = await self.resolver.resolve(host)
         candidates = order_addresses(host, addrs, policy)
         checks = [c for c in (self.check, check) if c is not None]
@@ -188,7 +199,19 @@ class Connector:
             if not allowed:
                 raise DestinationProhibited(f"{host} port {port}: " + "; ".join(refused[:3]))
             candidates = allowed
-        return await self.race(host, port, candidates, policy)
+        return candidates
+
+    async def datagram_target(
+        self,
+        host: str,
+        port: int,
+        policy: EgressPolicy,
+        check: DestinationCheck | None = None,
+    ) -> tuple[IPAddress, Family]:
+        """Where one UDP datagram goes (SOCKS5 UDP ASSOCIATE): the first address the egress
+        order and the destination policy allow. There is no handshake to race, so no Happy
+        Eyeballs: an application protocol over UDP (DNS, QUIC) retries by itself."""
+        return (await self.candidates(host, port, policy, check))[0]
 
     async def race(
         self,

@@ -68,6 +68,22 @@ class RequestTimeout(RequestError):
     status = 408
 
 
+class SocksRequestError(RequestError):
+    """Malformed SOCKS5 input (RFC 1928, RFC 1929): answered with ``reply`` where a reply
+    can be sent, then the connection is closed. ``socks5.reply_for`` maps the others."""
+
+    #: RFC 1928 section 6 REP code (0x01: general SOCKS server failure).
+    reply: int = 0x01
+
+
+class SocksCommandNotSupported(SocksRequestError):
+    reply = 0x07
+
+
+class SocksAddressTypeNotSupported(SocksRequestError):
+    reply = 0x08
+
+
 class RequestDenied(KushiError):
     """The client or the request is not allowed (allow list, CONNECT port, policy)."""
 

@@ -67,8 +67,20 @@ def family_label(family: str) -> str:
 
 
 def is_tunnel(record: AccessRecord) -> bool:
-    """A CONNECT tunnel or a TCP-mode connection that reached its upstream."""
-    return (record.method == "CONNECT" or record.mode == "tcp") and bool(record.upstream)
+    """A CONNECT tunnel (HTTP or SOCKS5) or a TCP-mode connection that reached its upstream."""
+    return (record.method in TUNNEL_METHODS or record.mode == "tcp") and bool(record.upstream)
+
+
+TUNNEL_METHODS = frozenset({"CONNECT", "SOCKS5-CONNECT"})
+
+
+def socks_command(record: AccessRecord) -> str | None:
+    """``connect``, ``udp`` or ``handshake`` (ended before its request) for a SOCKS5
+    session's record, None for any other record."""
+    method = record.method
+    if not method.startswith("SOCKS5"):
+        return None
+    return {"SOCKS5-CONNECT": "connect", "SOCKS5-UDP": "udp"}.get(method, "handshake")
 
 
 def fallback_of(record: AccessRecord) -> tuple[str, str] | None:
@@ -106,6 +118,8 @@ class Totals:
     bytes_in: float = 0.0  # client to upstream
     bytes_out: float = 0.0  # upstream to client
     fallbacks: float = 0.0
+    socks: dict[str, float] = field(default_factory=dict)  # SOCKS5 sessions by command
+    datagrams: float = 0.0  # SOCKS5 UDP datagrams relayed, both ways
     reloads: float = 0.0
     open_connections: float = 0.0
     open_tunnels: float = 0.0
@@ -136,6 +150,19 @@ class Metrics:
             "kushi_tunnels",
             "CONNECT tunnels and TCP-mode connections that reached their upstream.",
             ["listener", "mode", "family"],
+            registry=registry,
+        )
+        self.socks = Counter(
+            "kushi_socks_sessions",
+            "SOCKS5 sessions (on SOCKS and forward listeners), by command (connect, udp, or "
+            "handshake: ended before its request), egress family and status class.",
+            ["listener", "mode", "command", "family", "status_class"],
+            registry=registry,
+        )
+        self.datagrams = Counter(
+            "kushi_socks_udp_datagrams",
+            "UDP datagrams relayed for SOCKS5 UDP ASSOCIATE, by direction and egress family.",
+            ["listener", "mode", "direction", "family"],
             registry=registry,
         )
         self.connect_time = Histogram(
@@ -204,6 +231,8 @@ class Metrics:
             self._sources = [
                 self.requests,
                 self.tunnels,
+                self.socks,
+                self.datagrams,
                 self.errors,
                 self.bytes,
                 self.fallbacks,
@@ -241,6 +270,24 @@ class Metrics:
         if is_tunnel(record):
             key = (self.tunnels, record.listener, record.mode, family)
             pending[key] = pending.get(key, 0) + 1
+        command = socks_command(record)
+        if command is not None:
+            key = (
+                self.socks,
+                record.listener,
+                record.mode,
+                command,
+                family,
+                status_class(record.status),
+            )
+            pending[key] = pending.get(key, 0) + 1
+            for direction, count in (
+                ("client_to_upstream", record.datagrams_in),
+                ("upstream_to_client", record.datagrams_out),
+            ):
+                if count:
+                    key = (self.datagrams, record.listener, record.mode, direction, family)
+                    pending[key] = pending.get(key, 0) + count
         if record.bytes_in:
             key = (self.bytes, "client_to_upstream", family)
             pending[key] = pending.get(key, 0) + record.bytes_in
@@ -307,6 +354,11 @@ class Metrics:
                 out.requests[key] = out.requests.get(key, 0.0) + value
             elif name == "kushi_tunnels_total":
                 out.tunnels += value
+            elif name == "kushi_socks_sessions_total":
+                key = labels.get("command", "")
+                out.socks[key] = out.socks.get(key, 0.0) + value
+            elif name == "kushi_socks_udp_datagrams_total":
+                out.datagrams += value
             elif name == "kushi_errors_total":
                 key = labels.get("error_type", "")
                 out.errors[key] = out.errors.get(key, 0.0) + value

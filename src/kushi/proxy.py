@@ -305,16 +305,10 @@ class HttpSession:
         """The allow list and proxy authentication, combined as ``auth_combine`` says."""
         if self._acl is None or self._acl[0] is not state or state.allow.names:
             self._acl = (state, state.allow.allows(self.client_ip))
-        allowed = self._acl[1]
-        if state.auth is None or state.cfg.mode != "forward":
-            if not allowed:
-                raise RequestDenied(
-                    f"client {self.info.address} is not in this listener's allow list"
-                )
-            return
-        if not allowed and state.cfg.auth_combine == "both":
+        need = state.admission(self._acl[1])
+        if need == "deny":
             raise RequestDenied(f"client {self.info.address} is not in this listener's allow list")
-        if allowed and state.cfg.auth_combine == "either":
+        if need == "admit" or state.auth is None:
             return
         user = state.auth.check(req.get(b"proxy-authorization"))
         if user is None:

@@ -14,12 +14,12 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy
 from kushi.auth import Htpasswd
-from kushi.config import Config, Listener, parse_hostport
+from kushi.config import PROXY_MODES, Config, Listener, parse_hostport
 from kushi.connector import Connector, EgressPolicy
 from kushi.errors import DestinationUnavailable, LoopDetected
 from kushi.netio import Conn
@@ -102,15 +102,27 @@ class ListenerState:
         self.trusted = cfg.trusted_proxies
         self.proxy_protocol_from = cfg.proxy_protocol_from
         self.auth = Htpasswd.load(cfg.auth_file) if cfg.auth_file else None
-        # Only a forward listener connects where its clients say; reverse and TCP
-        # backends are the owner's own choice.
+        # Only forward and SOCKS listeners connect where their clients say; reverse and
+        # TCP backends are the owner's own choice.
         self.destinations: DestinationPolicy | None = (
             DestinationPolicy(
                 cfg.allow_destinations, cfg.deny_destinations, cfg.private_destinations
             )
-            if cfg.mode == "forward"
+            if cfg.mode in PROXY_MODES
             else None
         )
+
+    def admission(self, allowed: bool) -> Literal["deny", "admit", "password"]:
+        """What a client needs, given whether the allow list admits it: ``auth_combine``
+        "both" asks a listed client for its password, "either" admits a listed client
+        and asks the others (HTTP ``Proxy-Authorization`` and SOCKS5 RFC 1929 alike)."""
+        if self.auth is None or self.cfg.mode not in PROXY_MODES:
+            return "admit" if allowed else "deny"
+        if not allowed and self.cfg.auth_combine == "both":
+            return "deny"
+        if allowed and self.cfg.auth_combine == "either":
+            return "admit"
+        return "password"
 
     def close(self) -> None:
         self.access_log.close()

@@ -47,6 +47,8 @@ from kushi.proxy import PROXY_NAME, HttpSession
 from kushi.proxyproto import parse as parse_proxy_header
 from kushi.routing import ClientInfo
 from kushi.runtime import ListenerState, Services
+from kushi.socks5 import VERSION as SOCKS_VERSION
+from kushi.socksmode import serve_socks
 from kushi.tcpmode import serve_tcp
 
 log = logging.getLogger("kushi")
@@ -108,8 +110,10 @@ def describe_listener(cfg: Listener, socks: list[socket.socket]) -> str:
     parts = [f"{cfg.mode} listener {cfg.name!r} on {addrs}", f"egress {cfg.egress}"]
     allow = ", ".join(cfg.allow) or "nobody"
     parts.append(f"allow {allow}" + (" (open)" if cfg.open else ""))
-    if cfg.mode == "forward":
+    if cfg.mode in ("forward", "socks"):
         parts.append("CONNECT ports " + ",".join(str(p) for p in sorted(cfg.connect_ports)))
+        if cfg.mode == "forward" and cfg.socks:
+            parts.append("SOCKS5 on the same port")
     else:
         parts.append("backend " + ", ".join(cfg.backend))
     if cfg.proxy_protocol:
@@ -208,7 +212,18 @@ class Server:
                         )
                         return
                     await serve_tcp(self.services, state, client, info, name)
+                elif state.cfg.mode == "socks":
+                    await serve_socks(self.services, name, lambda: self.states[name], client, info)
                 else:
+                    if state.cfg.mode == "forward" and state.cfg.socks:
+                        first = await self._first_byte(client)
+                        if first is None:
+                            return  # nothing within the header timeout, or closed
+                        if first == SOCKS_VERSION:
+                            await serve_socks(
+                                self.services, name, lambda: self.states[name], client, info
+                            )
+                            return
                     session = HttpSession(
                         self.services, name, lambda: self.states[name], client, info
                     )
@@ -243,6 +258,16 @@ class Server:
             client.abort()
         finally:
             await client.wait_closed()
+
+    async def _first_byte(self, client: Conn) -> int | None:
+        """The client's first byte, without consuming it (0x05 starts a SOCKS5 greeting, an
+        HTTP request starts with a letter); None when nothing came within the header
+        timeout (the connection is then closed, as an HTTP session would close it)."""
+        if not client.buf:
+            deadline = client.loop.time() + self.config.timeouts.header_read
+            with contextlib.suppress(TimeoutError):
+                await client.fill(deadline=deadline)
+        return client.buf[0] if client.buf else None
 
     async def _read_proxy_header(
         self, state: ListenerState, client: Conn, info: ClientInfo
@@ -297,7 +322,7 @@ class Server:
             error=exc.error_type,
             details=exc.details,
         )
-        if state.cfg.mode != "tcp":
+        if state.cfg.mode in ("forward", "reverse"):  # (TCP and SOCKS: just closed)
             data = http1.render_error(exc, proxy_name=PROXY_NAME, close=True)
             with contextlib.suppress(ConnectionError, OSError):
                 client.write(data)

@@ -334,7 +334,12 @@ def test_forward_listener_must_not_have_a_backend(tmp_path: Path) -> None:
         ),
         pytest.param('listen = ["127.0.0.1:1"]\ncolour = "red"\n', "listener forward0: colour"),
         ('name = ""\nlisten = ["127.0.0.1:1"]\n', "listener[0].name"),
-        ('mode = "socks"\nlisten = ["127.0.0.1:1"]\n', "listener socks0: mode"),
+        ('mode = "sock5"\nlisten = ["127.0.0.1:1"]\n', "listener sock50: mode"),
+        ('mode = "socks"\nlisten = ["[::]:1080"]\nallow = ["::/0"]\n', "listener socks0: allow"),
+        (
+            'mode = "socks"\nlisten = ["127.0.0.1:1"]\nbackend = ["127.0.0.1:1"]\n',
+            "listener socks0: backend",
+        ),
         pytest.param(
             'listen = ["127.0.0.1:1"]\nproxy_protocol = true\n',
             "listener forward0: proxy_protocol_from",

@@ -70,10 +70,12 @@ def test_the_commented_listener_tables_parse(tmp_path: Path) -> None:
     config = load_config(example_path(tmp_path, uncommented))
     assert [(c.name, c.mode) for c in config.listeners] == [
         ("proxy", "forward"),
+        ("socks", "socks"),
         ("web", "reverse"),
         ("mail", "tcp"),
     ]
     assert config.listener("mail").backend_proxy_protocol == 2
+    assert config.listener("socks").connect_ports == frozenset({22, 80, 443, 993})
     # Tables inherit nothing they did not set: the defaults above apply.
     assert config.listener("web").egress == "prefer-ipv6"
 

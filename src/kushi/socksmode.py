@@ -1,0 +1,391 @@
+"""The SOCKS5 shell: executes ``socks5.ServerHandshake`` on one client connection.
+
+A SOCKS listener (``mode = "socks"``) and a forward listener whose client's first byte is
+0x05 both end up here. The handshake must be complete within ``timeouts.header_read``.
+The client is admitted as an HTTP client would be (the allow list and, per
+``auth_combine``, the htpasswd file through RFC 1929), the CONNECT port is checked against
+``connect_ports``, and every connection goes out through ``services.connector`` (egress
+policy, Happy Eyeballs, destination policy): each refusal is answered with its RFC 1928
+reply code before kushi contacts the destination. A tunnel is relayed by
+``services.relay``; each session ends with one access record (``SOCKS5-CONNECT``,
+``SOCKS5-UDP``, or ``SOCKS5`` when it ended before its request).
+
+UDP ASSOCIATE (RFC 1928 section 7): kushi opens a relay socket on the address the client
+reached it on and answers with it. Datagrams are accepted from the client's own address
+only (and from one port: the one the request named, else the first one used); each one's
+destination goes through the same egress order and destination policy as a CONNECT
+(``Connector.datagram_target``). Answers are relayed back only from the addresses the
+client sent to. The association ends when its TCP connection does, or after
+``timeouts.tunnel_idle`` without a datagram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from kushi.accesslog import AccessRecord
+from kushi.acl import client_address
+from kushi.connector import Family
+from kushi.errors import (
+    KushiError,
+    ProxyAuthRequired,
+    RequestDenied,
+    RequestTimeout,
+    SocksRequestError,
+)
+from kushi.netio import Conn, fmt_addr
+from kushi.resolver import IPAddress, ip_literal
+from kushi.routing import ClientInfo
+from kushi.runtime import ListenerState, Services
+from kushi.socks5 import (
+    Command,
+    Credentials,
+    Method,
+    MethodSelected,
+    Reply,
+    Requested,
+    ServerHandshake,
+    build_reply,
+    build_udp,
+    parse_udp,
+    reply_for,
+)
+
+log = logging.getLogger("kushi.socks")
+#: Datagrams waiting for their destination to be resolved; more are dropped.
+UDP_QUEUE = 256
+
+
+class ClientGone(Exception):
+    """The client went away before kushi could answer it."""
+
+
+class SocksSession:
+    def __init__(
+        self,
+        services: Services,
+        listener: str,
+        get_state: Callable[[], ListenerState],
+        client: Conn,
+        info: ClientInfo,
+    ) -> None:
+        self.services = services
+        self.state = get_state()
+        self.client = client
+        self.info = info
+        self.record = AccessRecord(
+            time=time.time(),
+            listener=listener,
+            mode=self.state.cfg.mode,
+            client=info.address,
+            method="SOCKS5",
+        )
+        #: Whether a failure may still be answered with a reply (RFC 1928 section 6):
+        #: only once the method negotiation (and RFC 1929) succeeded.
+        self.may_reply = False
+
+    def __repr__(self) -> str:
+        return f"<SocksSession {self.info.address} {self.record.method} {self.record.target}>"
+
+    async def run(self) -> None:
+        record = self.record
+        udp: UdpAssociation | None = None
+        try:
+            request = await self.handshake()
+            if request is None:
+                return  # closed before its first byte: nothing to answer or log
+            record.target = request.target
+            if request.command == Command.CONNECT:
+                await self.connect(request)
+            else:
+                udp = UdpAssociation(self, request)
+                await udp.run()
+        except KushiError as exc:
+            await self.fail(exc)
+        except ClientGone:
+            record.error = record.error or "client_closed"
+        except (ConnectionError, OSError) as exc:
+            record.error = record.error or "client_closed"
+            record.details = record.details or str(exc)
+        finally:
+            if udp is not None:
+                udp.close()
+            else:
+                record.bytes_in = self.client.bytes_in - len(self.client.buf)
+                record.bytes_out = self.client.bytes_out
+            if record.method != "SOCKS5" or record.error:
+                record.duration = time.time() - record.time
+                self.services.record(self.state, record)
+
+    # --- the handshake ---------------------------------------------------------------------
+
+    async def handshake(self) -> Requested | None:
+        state = self.state
+        need = state.admission(state.allow.allows(client_address(self.info.address)))
+        # A client kushi will refuse anyway is not asked for a password: its request is
+        # answered "not allowed by ruleset" (0x02).
+        offer = (Method.USERPASS,) if need == "password" else (Method.NO_AUTH,)
+        machine = ServerHandshake(offer=offer)
+        client = self.client
+        deadline = client.loop.time() + self.services.config.timeouts.header_read
+        while True:
+            try:
+                event = machine.next_event(client.buf)
+            finally:
+                self.may_reply = machine.state in ("request", "done")
+            if event is None:
+                try:
+                    more = await client.fill(deadline=deadline)
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"SOCKS5 handshake not complete within "
+                        f"{self.services.config.timeouts.header_read:g} s"
+                    ) from None
+                if not more:
+                    exc = machine.eof(client.buf)
+                    if exc is None:
+                        return None
+                    raise exc
+            elif isinstance(event, MethodSelected):
+                await self.send(event.data)
+                if event.method == Method.NO_ACCEPTABLE:
+                    raise ProxyAuthRequired(
+                        "no acceptable SOCKS5 authentication method offered "
+                        "(this listener needs username/password, RFC 1929)"
+                    )
+            elif isinstance(event, Credentials):
+                user = self._verify(event)
+                await self.send(machine.auth_result(user is not None))
+                if user is None:
+                    raise ProxyAuthRequired(
+                        f"SOCKS5 username/password rejected for user {event.username!r}"
+                    )
+                self.record.user = user
+            else:
+                self.may_reply = True
+                if need == "deny":
+                    self.record.target = event.target
+                    raise RequestDenied(
+                        f"client {self.info.address} is not in this listener's allow list"
+                    )
+                return event
+
+    def _verify(self, creds: Credentials) -> str | None:
+        auth = self.state.auth
+        return auth.verify(creds.username, creds.password) if auth is not None else None
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self.client.write(data)
+            await self.client.drain()
+        except (ConnectionError, OSError):
+            raise ClientGone() from None
+
+    async def fail(self, exc: KushiError) -> None:
+        record = self.record
+        record.status = exc.status
+        record.error = exc.error_type
+        record.details = exc.details
+        record.attempts = record.attempts or list(exc.attempts)
+        if self.may_reply and not self.client.closed:
+            with contextlib.suppress(ClientGone):
+                await self.send(build_reply(reply_for(exc)))
+        if isinstance(exc, SocksRequestError | ProxyAuthRequired | RequestTimeout):
+            log.debug("SOCKS5 client %s: %s", self.info.address, exc.details)
+        # RFC 1928 section 6: on a failure the server terminates the TCP connection.
+        self.client.write_eof()
+        self.client.close()
+
+    # --- CONNECT ---------------------------------------------------------------------------
+
+    async def connect(self, request: Requested) -> None:
+        state, record = self.state, self.record
+        record.method = "SOCKS5-CONNECT"
+        if request.port not in state.cfg.connect_ports:
+            allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
+            raise RequestDenied(
+                f"SOCKS5 CONNECT to port {request.port} is not allowed (allowed: {allowed})"
+            )
+        upstream = await self.services.connector.connect(
+            request.host, request.port, state.policy, state.destinations
+        )
+        record.upstream = upstream.next_hop
+        record.family = upstream.family
+        record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.connect_ms = round(upstream.connect_time * 1000, 3)
+        bound = upstream.conn.local
+        try:
+            await self.send(build_reply(Reply.SUCCEEDED, bound[0], bound[1]))
+        except ClientGone:
+            upstream.conn.abort()
+            raise
+        record.status = 200
+        await self.services.relay(self.client, upstream.conn)
+        upstream.conn.close()
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self.on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.on_datagram(data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("SOCKS5 UDP relay: %s", exc)
+
+
+class UdpAssociation:
+    """One UDP ASSOCIATE: a relay socket for the client, one per family for the far side."""
+
+    def __init__(self, session: SocksSession, request: Requested) -> None:
+        self.session = session
+        self.record = session.record
+        self.client_ip = client_address(session.info.address)
+        declared = ip_literal(request.host)
+        # The port the request named is the one datagrams come from, when it names the
+        # client's own address (or none); a client behind NAT cannot know either.
+        self.client_port: int | None = None
+        if request.port and (
+            declared is None or declared.is_unspecified or declared == self.client_ip
+        ):
+            self.client_port = request.port
+        self.client_addr: tuple[str, int] | None = None
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(UDP_QUEUE)
+        self.relay: asyncio.DatagramTransport | None = None
+        self.outgoing: dict[int, asyncio.DatagramTransport] = {}
+        self.peers: set[tuple[IPAddress, int]] = set()
+        self.dropped = 0
+        self.last_drop = ""
+        self.last_activity = 0.0
+        self.worker: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        session, record = self.session, self.record
+        record.method = "SOCKS5-UDP"
+        client = session.client
+        loop = client.loop
+        local = client.local[0]
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Endpoint(self.from_client),
+            local_addr=(local, 0),
+            family=socket.AF_INET6 if ":" in local else socket.AF_INET,
+        )
+        self.relay = transport
+        bound = transport.get_extra_info("sockname")
+        await session.send(build_reply(Reply.SUCCEEDED, str(bound[0]), int(bound[1])))
+        record.status = 200
+        self.worker = asyncio.ensure_future(self.forward())
+        idle = session.services.config.timeouts.tunnel_idle
+        self.last_activity = loop.time()
+        # RFC 1928 section 7: the association ends when its TCP connection does.
+        while True:
+            client.buf.clear()  # nothing more is defined on the TCP connection
+            try:
+                if not await client.fill(deadline=self.last_activity + idle):
+                    break
+            except TimeoutError:
+                if loop.time() >= self.last_activity + idle:
+                    break
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+        for transport in (self.relay, *self.outgoing.values()):
+            if transport is not None:
+                transport.close()
+        if self.dropped:
+            note = f"{self.dropped} datagrams dropped (last: {self.last_drop})"
+            self.record.details = "; ".join(x for x in (self.record.details, note) if x)
+
+    def drop(self, why: str) -> None:
+        self.dropped += 1
+        self.last_drop = why
+
+    # --- client -> destination -----------------------------------------------------------
+
+    def from_client(self, data: bytes, addr: tuple[str, int]) -> None:
+        source = client_address(addr[0])
+        if source is None or source != self.client_ip:
+            self.drop(f"datagram from {addr[0]}, not from the client")
+            return
+        if self.client_port is not None and addr[1] != self.client_port:
+            self.drop(f"datagram from port {addr[1]}, not the client's {self.client_port}")
+            return
+        self.client_port = addr[1]
+        self.client_addr = addr
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.drop("too many datagrams waiting")
+
+    async def forward(self) -> None:
+        session, record = self.session, self.record
+        state = session.state
+        connector = session.services.connector
+        while True:
+            packet = await self.queue.get()
+            try:
+                datagram = parse_udp(packet)
+                if datagram is None:
+                    self.drop("a fragment (FRAG != 0; kushi does not reassemble)")
+                    continue
+                addr, family = await connector.datagram_target(
+                    datagram.host, datagram.port, state.policy, state.destinations
+                )
+            except KushiError as exc:
+                self.drop(f"{exc.error_type}: {exc.details}")
+                continue
+            transport = await self._outgoing(addr, family)
+            transport.sendto(datagram.data, (str(addr), datagram.port))
+            self.peers.add((addr, datagram.port))
+            self.last_activity = session.client.loop.time()
+            record.datagrams_in += 1
+            record.bytes_in += len(datagram.data)
+            if not record.upstream:
+                record.target = fmt_addr(datagram.host, datagram.port)
+                record.upstream = fmt_addr(str(addr), datagram.port)
+                record.family = family
+
+    async def _outgoing(self, addr: IPAddress, family: Family) -> asyncio.DatagramTransport:
+        del family  # the socket is per IP version; NAT64 addresses are IPv6 too
+        transport = self.outgoing.get(addr.version)
+        if transport is None:
+            loop = self.session.client.loop
+            v6 = addr.version == 6
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Endpoint(self.from_remote),
+                local_addr=("::" if v6 else "0.0.0.0", 0),
+                family=socket.AF_INET6 if v6 else socket.AF_INET,
+            )
+            self.outgoing[addr.version] = transport
+        return transport
+
+    # --- destination -> client -----------------------------------------------------------
+
+    def from_remote(self, data: bytes, addr: tuple[str, int]) -> None:
+        source = client_address(addr[0])
+        if source is None or (source, addr[1]) not in self.peers:
+            self.drop(f"datagram from {fmt_addr(addr[0], addr[1])}, which the client never sent to")
+            return
+        if self.relay is None or self.client_addr is None:
+            return
+        self.relay.sendto(build_udp(str(source), addr[1], data), self.client_addr)
+        self.last_activity = self.session.client.loop.time()
+        self.record.datagrams_out += 1
+        self.record.bytes_out += len(data)
+
+
+async def serve_socks(
+    services: Services,
+    listener: str,
+    get_state: Callable[[], ListenerState],
+    client: Conn,
+    info: ClientInfo,
+) -> None:
+    await SocksSession(services, listener, get_state, client, info).run()
