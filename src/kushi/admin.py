@@ -97,8 +97,13 @@ class MethodNotAllowed(KushiError):
 # --- pure parts: the PAC file, the config view, record views ----------------------------
 
 
-def pac_script(proxy: str) -> str:
-    """A PAC file sending everything but loopback names and addresses through ``proxy``."""
+def pac_script(proxy: str | None, socks: str | None = None) -> str:
+    """A PAC file sending everything but loopback names and addresses through ``proxy``
+    (an HTTP proxy) and then ``socks`` (a SOCKS5 listener, Chromium and Firefox read
+    ``SOCKS5 host:port``), whichever of them kushi has, in that order."""
+    entries = [f"PROXY {proxy}"] if proxy else []
+    if socks:
+        entries.append(f"SOCKS5 {socks}")
     return f"""// kushi proxy auto-config: IPv4-only clients reach IPv6 sites through kushi.
 function FindProxyForURL(url, host) {{
   var h = host.toLowerCase();
@@ -109,21 +114,22 @@ function FindProxyForURL(url, host) {{
       h === "0:0:0:0:0:0:0:1" || /^127\\.[0-9]+\\.[0-9]+\\.[0-9]+$/.test(h)) {{
     return "DIRECT";
   }}
-  return {json.dumps("PROXY " + proxy)};
+  return {json.dumps("; ".join(entries))};
 }}
 """
 
 
-def pac_proxy(server: Server, local: tuple[str, int]) -> str | None:
-    """``pac_proxy`` if set, else the first forward listener's address as the client sees it.
+def pac_proxy(server: Server, local: tuple[str, int], mode: str = "forward") -> str | None:
+    """``pac_proxy`` if set, else the first forward listener's address as the client sees it
+    (with ``mode="socks"``: the first SOCKS listener's; ``pac_proxy`` names HTTP only).
 
     ``local`` is the admin connection's own address: when the listener is bound to a
     wildcard address, the address the client reached the admin listener on is the one it
     can reach the proxy on too."""
     config = server.config
-    if config.pac_proxy:
+    if config.pac_proxy and mode == "forward":
         return config.pac_proxy
-    forward = [cfg for cfg in config.listeners if cfg.mode == "forward"]
+    forward = [cfg for cfg in config.listeners if cfg.mode == mode]
     if not forward:
         return None
     bound: list[Address] = []
@@ -479,9 +485,10 @@ class Admin:
             return self._response(req, 200, CONTENT_TYPE.encode(), self.metrics.render())
         if path in (b"/proxy.pac", b"/wpad.dat"):
             proxy = pac_proxy(self.server, conn.local)
-            if proxy is None:
-                raise NotFound("no forward listener to advertise; set pac_proxy")
-            return self._response(req, 200, PAC_TYPE, pac_script(proxy).encode())
+            socks = pac_proxy(self.server, conn.local, "socks")
+            if proxy is None and socks is None:
+                raise NotFound("no forward or socks listener to advertise; set pac_proxy")
+            return self._response(req, 200, PAC_TYPE, pac_script(proxy, socks).encode())
         if path == b"/healthz":
             if shutting_down(self.server):
                 return self._response(req, 503, b"text/plain; charset=utf-8", b"stopping\n")
@@ -563,6 +570,8 @@ class Admin:
                 "bytes_in": int(totals.bytes_in),
                 "bytes_out": int(totals.bytes_out),
                 "fallbacks": int(totals.fallbacks),
+                "socks": {k: int(v) for k, v in sorted(totals.socks.items())},
+                "socks_datagrams": int(totals.datagrams),
             },
             "errors": [
                 {"type": name, "count": int(count)}

@@ -57,7 +57,7 @@ LOOPBACK_DESTINATIONS = ["--allow-destination", "127.0.0.0/8", "--allow-destinat
 
 
 def _serves(argv: Sequence[str]) -> bool:
-    return not argv or argv[0] in ("serve", "reverse", "tcp") or argv[0].startswith("-")
+    return not argv or argv[0] in ("serve", "socks", "reverse", "tcp") or argv[0].startswith("-")
 
 
 def _sets_workers(argv: Sequence[str]) -> bool:
@@ -73,7 +73,7 @@ def _sets_workers(argv: Sequence[str]) -> bool:
 class Kushi:
     """A kushi subprocess. ``argv`` is the command line after ``kushi``.
 
-    For ``serve`` (or bare flags), ``loopback_destinations`` adds ``--allow-destination``
+    For ``serve``, ``socks`` (or bare flags), ``loopback_destinations`` adds ``--allow-destination``
     for 127.0.0.0/8 and ::1/128 so the proxy may reach test origins on loopback."""
 
     def __init__(
@@ -86,7 +86,8 @@ class Kushi:
         loopback_destinations: bool = True,
     ) -> None:
         argv = list(argv)
-        if loopback_destinations and (not argv or argv[0] == "serve" or argv[0].startswith("-")):
+        proxies = ("serve", "socks")
+        if loopback_destinations and (not argv or argv[0] in proxies or argv[0].startswith("-")):
             argv = [*argv, *LOOPBACK_DESTINATIONS]
         if _serves(argv) and not _sets_workers(argv):
             # One worker unless a test asks for more: every access record and counter is

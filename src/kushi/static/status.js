@@ -82,7 +82,11 @@ function drawTiles(s) {
   setText("v6-share", pct(v6, egress));
   setText("v6-hint", egress ? `${fmtInt(v6)} of ${fmtInt(egress)} upstream requests` : "no egress yet");
   setText("requests", fmtInt(s.totals.requests));
-  setText("tunnels", `${fmtInt(s.totals.tunnels)} tunnels`);
+  const socks = Object.values(s.totals.socks || {}).reduce((sum, n) => sum + n, 0);
+  const datagrams = s.totals.socks_datagrams || 0;
+  setText("tunnels", `${fmtInt(s.totals.tunnels)} tunnels` +
+    (socks ? ` · ${fmtInt(socks)} SOCKS5` : "") +
+    (datagrams ? ` · ${fmtInt(datagrams)} UDP datagrams` : ""));
   setText("open-connections", fmtInt(s.open_connections));
   setText("open-tunnels", s.open_tunnels === null ? "" : `${fmtInt(s.open_tunnels)} tunnels open`);
   const errors = s.errors.reduce((sum, e) => sum + e.count, 0);
