@@ -15,12 +15,9 @@ Every test skips, saying why, when Chromium is missing (``make test`` installs i
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -29,48 +26,15 @@ from typing import Any
 import pytest
 
 from support import netns
+from support.chromium import chromium, needs_chromium
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.origin import ONE_K, spawn_origin
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-pytestmark = [
-    pytest.mark.timeout(90),
-    pytest.mark.skipif(
-        not os.access(CHROMIUM, os.X_OK),
-        reason="chromium is not installed (make test installs the Debian package)",
-    ),
-]
+pytestmark = [pytest.mark.timeout(90), needs_chromium]
 
 OriginFactory = Callable[..., Any]
-
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--hide-scrollbars",
-)
-
-
-def chromium(
-    args: Sequence[str], ns: netns.Host | None = None, timeout: float = 60.0
-) -> subprocess.CompletedProcess[str]:
-    """Run headless Chromium once with a fresh profile; returns its output."""
-    with tempfile.TemporaryDirectory(prefix="kushi-chromium-") as profile:
-        argv = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        env["HOME"] = profile
-        result = netns.run(ns, argv, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
 
 
 # --- reading the DOM Chromium dumped --------------------------------------------------------
