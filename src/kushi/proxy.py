@@ -685,18 +685,9 @@ class HttpSession:
     async def connect_tunnel(
         self, req: RequestHead, target: Target, state: ListenerState, record: AccessRecord
     ) -> bool:
-        if target.port not in state.cfg.connect_ports:
-            allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
-            raise RequestDenied(
-                f"CONNECT to port {target.port} is not allowed (allowed: {allowed})"
-            )
-        upstream = await self.services.connector.connect(
-            target.host, target.port, state.policy, state.destinations
+        upstream = await self.services.open_tunnel(
+            state, target.host, target.port, record, "CONNECT"
         )
-        record.upstream = upstream.next_hop
-        record.family = upstream.family
-        record.attempts = [a.describe() for a in upstream.fallbacks]
-        record.connect_ms = round(upstream.connect_time * 1000, 3)
         record.status = 200
         headers = [(b"Proxy-Status", self._status_value(upstream, None))]
         head = http1.serialize_response_head(200, b"Connection established", headers)

@@ -20,8 +20,8 @@ from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy
 from kushi.auth import Htpasswd
 from kushi.config import PROXY_MODES, Config, Listener, parse_hostport
-from kushi.connector import Connector, EgressPolicy
-from kushi.errors import DestinationUnavailable, LoopDetected
+from kushi.connector import Connector, EgressPolicy, Upstream
+from kushi.errors import DestinationUnavailable, LoopDetected, RequestDenied
 from kushi.netio import Conn
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Resolver, ip_literal
@@ -182,6 +182,21 @@ class Services:
         addr = ip_literal(host)
         if addr is not None:
             self.own_addresses.add((addr, port))
+
+    async def open_tunnel(
+        self, state: ListenerState, host: str, port: int, record: AccessRecord, what: str
+    ) -> Upstream:
+        """The upstream of a CONNECT tunnel (HTTP or SOCKS5, ``what``): ``connect_ports``
+        first, then the one egress path; the record learns how it was reached."""
+        if port not in state.cfg.connect_ports:
+            allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
+            raise RequestDenied(f"{what} to port {port} is not allowed (allowed: {allowed})")
+        upstream = await self.connector.connect(host, port, state.policy, state.destinations)
+        record.upstream = upstream.next_hop
+        record.family = upstream.family
+        record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.connect_ms = round(upstream.connect_time * 1000, 3)
+        return upstream
 
     async def relay(self, a: Conn, b: Conn) -> tuple[int, int]:
         """A tunnel (CONNECT, upgrade or TCP mode), counted while open."""

@@ -206,18 +206,9 @@ class SocksSession:
     async def connect(self, request: Requested) -> None:
         state, record = self.state, self.record
         record.method = "SOCKS5-CONNECT"
-        if request.port not in state.cfg.connect_ports:
-            allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
-            raise RequestDenied(
-                f"SOCKS5 CONNECT to port {request.port} is not allowed (allowed: {allowed})"
-            )
-        upstream = await self.services.connector.connect(
-            request.host, request.port, state.policy, state.destinations
+        upstream = await self.services.open_tunnel(
+            state, request.host, request.port, record, "SOCKS5 CONNECT"
         )
-        record.upstream = upstream.next_hop
-        record.family = upstream.family
-        record.attempts = [a.describe() for a in upstream.fallbacks]
-        record.connect_ms = round(upstream.connect_time * 1000, 3)
         bound = upstream.conn.local
         try:
             await self.send(build_reply(Reply.SUCCEEDED, bound[0], bound[1]))

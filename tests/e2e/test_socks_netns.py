@@ -82,17 +82,6 @@ class Net:
     def proxy(self) -> tuple[str, int]:
         return (self.topo.proxy_client_ip, PROXY_PORT)
 
-    def record_where(self, timeout: float = 5.0, **want: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [
-                r for r in self.kushi.json_records() if all(r.get(k) == v for k, v in want.items())
-            ]
-            if found or time.monotonic() > deadline:
-                assert len(found) == 1, (want, found, self.kushi.log_lines()[-6:])
-                return found[0]
-            time.sleep(0.02)
-
 
 @pytest.fixture(scope="module")
 def net(
@@ -188,7 +177,7 @@ def test_socks5h_name_reaches_the_ipv6_only_origin(net: Net) -> None:
     assert r.stdout == ONE_K
     seen = origin_saw(net.v6, mark)
     assert (seen["client"], seen["family"]) == (t.proxy_v6, "ipv6")
-    record = net.record_where(target="v6.test:80")
+    record = net.kushi.record_where(target="v6.test:80")
     assert (record["method"], record["status"], record["family"]) == ("SOCKS5-CONNECT", 200, "ipv6")
     assert record["client"] == t.client_ip
     assert record["upstream"] == f"[{t.v6origin_ip}]:80"
@@ -257,7 +246,7 @@ def test_ipv6_only_and_an_a_only_name_fail_fast_with_network_unreachable(net: Ne
     assert code == 0x03
     assert elapsed < 1.0  # no connection attempt, no timeout: nothing to wait for
     assert sc.pending_accepts(net.sinks["v4"]) == 0
-    record = net.record_where(listener="v6only", target="v4.test:22")
+    record = net.kushi.record_where(listener="v6only", target="v4.test:22")
     assert record["error"] == "destination_not_found"
     assert "v4.test has no IPv6 address" in record["details"]
 
@@ -265,20 +254,20 @@ def test_ipv6_only_and_an_a_only_name_fail_fast_with_network_unreachable(net: Ne
 def test_unknown_name_is_host_unreachable(net: Net) -> None:
     code, _ = _refusal(net, PROXY_PORT, "nowhere.test", 22)
     assert code == 0x04
-    assert net.record_where(target="nowhere.test:22")["error"] == "dns_error"
+    assert net.kushi.record_where(target="nowhere.test:22")["error"] == "dns_error"
 
 
 def test_connect_timeout_is_ttl_expired(net: Net) -> None:
     code, elapsed = _refusal(net, PROXY_PORT, "dead6.test", 80)
     assert code == 0x06
     assert CONNECT_TIMEOUT * 0.8 < elapsed < CONNECT_TIMEOUT + 3
-    assert net.record_where(target="dead6.test:80")["error"] == "connection_timeout"
+    assert net.kushi.record_where(target="dead6.test:80")["error"] == "connection_timeout"
 
 
 def test_port_not_allowed_before_contact(net: Net) -> None:
     code, _ = _refusal(net, PROXY_PORT, net.topo.v6origin_ip, 25)
     assert code == 0x02
-    record = net.record_where(target=f"[{net.topo.v6origin_ip}]:25")
+    record = net.kushi.record_where(target=f"[{net.topo.v6origin_ip}]:25")
     assert record["error"] == "http_request_denied"
 
 
@@ -286,7 +275,7 @@ def test_destination_policy_before_contact(net: Net) -> None:
     # The proxy's own loopback: refused by the built-in destination policy.
     code, _ = _refusal(net, PROXY_PORT, "::1", 22)
     assert code == 0x02
-    assert "a loopback address" in net.record_where(target="[::1]:22")["details"]
+    assert "a loopback address" in net.kushi.record_where(target="[::1]:22")["details"]
 
 
 def test_the_sinks_do_count_contact(net: Net) -> None:
@@ -351,7 +340,7 @@ def test_udp_associate_relays_over_ipv6_only_for_its_client(net: Net) -> None:
         (b"after-" + mark, t.proxy_v6),
     ]
     # The association ended with its TCP connection: its record is written then.
-    record = net.record_where(method="SOCKS5-UDP", client=t.client_ip, timeout=10)
+    record = net.kushi.record_where(method="SOCKS5-UDP", client=t.client_ip, timeout=10)
     assert record["status"] == 200 and record["family"] == "ipv6"
     assert (record["datagrams_in"], record["datagrams_out"]) == (3, 3)
     assert record["bytes_in"] == 3 * len(mark) + len(b"literal-name-after-")

@@ -78,17 +78,6 @@ class Setup:
                 return found
             time.sleep(0.02)
 
-    def record_where(self, timeout: float = 5.0, **want: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [
-                r for r in self.kushi.json_records() if all(r.get(k) == v for k, v in want.items())
-            ]
-            if found or time.monotonic() > deadline:
-                assert len(found) == 1, (want, self.kushi.log_lines()[-8:])
-                return found[0]
-            time.sleep(0.02)
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
@@ -321,7 +310,7 @@ def test_ssh_with_proxycommand_nc_x5_reaches_the_server(setup: Setup) -> None:
     # The fake server only says its version: ssh got that far through kushi, over IPv6.
     assert "remote software version kushi_test_banner" in proc.stderr, proc.stderr[-2000:]
     assert "Bad packet length" in proc.stderr, proc.stderr[-2000:]
-    record = setup.record_where(target=f"[::1]:{setup.ssh.port}")
+    record = setup.kushi.record_where(target=f"[::1]:{setup.ssh.port}")
     assert record["family"] == "ipv6" and record["status"] == 200
 
 
@@ -338,7 +327,7 @@ def _refused(setup: Setup, listener: str, host: str, port: int, command: int = 1
 
 def test_port_not_in_connect_ports_is_not_allowed(setup: Setup) -> None:
     assert _refused(setup, "socks", "::1", 8) == 0x02
-    record = setup.record_where(target="[::1]:8")
+    record = setup.kushi.record_where(target="[::1]:8")
     assert (record["error"], record["status"]) == ("http_request_denied", 403)
     assert "port 8 is not allowed" in record["details"]
 
@@ -346,7 +335,7 @@ def test_port_not_in_connect_ports_is_not_allowed(setup: Setup) -> None:
 def test_destination_policy_refuses_before_contact(setup: Setup) -> None:
     assert _refused(setup, "strict", "::1", setup.sink_port) == 0x02
     assert sc.pending_accepts(setup.sink) == 0
-    record = setup.record_where(listener="strict", target=f"[::1]:{setup.sink_port}")
+    record = setup.kushi.record_where(listener="strict", target=f"[::1]:{setup.sink_port}")
     assert record["error"] == "destination_ip_prohibited"
     assert "a loopback address" in record["details"]
 
@@ -354,7 +343,7 @@ def test_destination_policy_refuses_before_contact(setup: Setup) -> None:
 def test_client_not_in_allow_list_is_not_allowed(setup: Setup) -> None:
     assert _refused(setup, "denied", "::1", setup.sink_port) == 0x02
     assert sc.pending_accepts(setup.sink) == 0
-    record = setup.record_where(listener="denied")
+    record = setup.kushi.record_where(listener="denied")
     assert record["error"] == "http_request_denied"
     assert "not in this listener's allow list" in record["details"]
 
@@ -372,14 +361,14 @@ def test_ipv6_only_refuses_an_ipv4_literal_as_network_unreachable(setup: Setup) 
         assert time.monotonic() - start < 1.0
         assert code == 0x03
         assert sc.pending_accepts(listener) == 0 and port
-    record = setup.record_where(listener="v6only", target=f"127.0.0.1:{setup.sink_port}")
+    record = setup.kushi.record_where(listener="v6only", target=f"127.0.0.1:{setup.sink_port}")
     assert record["error"] == "destination_not_found"
     assert "egress policy is ipv6-only" in record["details"]
 
 
 def test_connection_refused(setup: Setup) -> None:
     assert _refused(setup, "socks", "::1", setup.closed_port) == 0x05
-    record = setup.record_where(listener="socks", target=f"[::1]:{setup.closed_port}")
+    record = setup.kushi.record_where(listener="socks", target=f"[::1]:{setup.closed_port}")
     assert record["error"] == "connection_refused"
 
 
@@ -407,7 +396,7 @@ def test_username_password_with_curl(setup: Setup) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout == ONE_K
     origin_saw(setup, mark)
-    record = setup.record_where(listener="auth", status=200)
+    record = setup.kushi.record_where(listener="auth", status=200)
     assert record["user"] == "alice"
 
 
@@ -416,7 +405,7 @@ def test_wrong_password_fails_and_closes(setup: Setup) -> None:
         assert sc.greet(sock, b"\x00\x02") == b"\x05\x02"
         assert sc.login(sock, "alice", "not-the-password-7f3a") == b"\x01\x01"
         assert sc.closed_by_peer(sock, 5.0)
-    record = setup.record_where(listener="auth", error="http_request_denied")
+    record = setup.kushi.record_where(listener="auth", error="http_request_denied")
     assert "rejected for user 'alice'" in record["details"]
     assert record["user"] == ""
     everything = setup.kushi.stdout + setup.kushi.stderr
@@ -441,7 +430,7 @@ def test_truncated_greeting(setup: Setup) -> None:
         sock.sendall(b"\x05\x02\x00")
         sock.shutdown(socket.SHUT_WR)
         assert sc.recv_exact(sock, 10) == b""
-    record = setup.record_where(details="connection closed inside the SOCKS5 greeting")
+    record = setup.kushi.record_where(details="connection closed inside the SOCKS5 greeting")
     assert record["error"] == "http_request_error" and record["method"] == "SOCKS5"
 
 
@@ -449,7 +438,7 @@ def test_unknown_version_is_closed_unanswered(setup: Setup) -> None:
     with socket.create_connection(setup.proxy("socks"), 5) as sock:
         sock.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # a SOCKS4 CONNECT
         assert sc.recv_exact(sock, 10) == b""
-    record = setup.record_where(details="unknown SOCKS version 4 (kushi speaks SOCKS5)")
+    record = setup.kushi.record_where(details="unknown SOCKS version 4 (kushi speaks SOCKS5)")
     assert record["error"] == "http_request_error"
 
 
@@ -460,7 +449,7 @@ def test_oversized_domain_name(setup: Setup) -> None:
         reply = sc.read_reply(sock)
         assert reply is not None and reply[0] == 0x01
         assert sc.closed_by_peer(sock, 5.0)
-    setup.record_where(details="SOCKS5 domain name of 254 octets is longer than 253")
+    setup.kushi.record_where(details="SOCKS5 domain name of 254 octets is longer than 253")
 
 
 def test_client_that_stops_mid_handshake_is_closed_after_the_header_timeout(
@@ -473,7 +462,9 @@ def test_client_that_stops_mid_handshake_is_closed_after_the_header_timeout(
         assert sc.closed_by_peer(sock, HEADER_READ + 5.0)
         elapsed = time.monotonic() - start
     assert HEADER_READ * 0.8 <= elapsed < HEADER_READ + 3.0
-    record = setup.record_where(details=f"SOCKS5 handshake not complete within {HEADER_READ:g} s")
+    record = setup.kushi.record_where(
+        details=f"SOCKS5 handshake not complete within {HEADER_READ:g} s"
+    )
     assert record["status"] == 408
 
 
@@ -496,10 +487,10 @@ def test_forward_port_serves_http_and_socks5(setup: Setup) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout == ONE_K
     assert origin_saw(setup, marks[1])["family"] == "ipv6"
-    socks_record = setup.record_where(listener="http", method="SOCKS5-CONNECT")
+    socks_record = setup.kushi.record_where(listener="http", method="SOCKS5-CONNECT")
     assert socks_record["mode"] == "forward"
     assert socks_record["family"] == origin_saw(setup, marks[0])["family"]
-    assert setup.record_where(listener="http", method="GET")["status"] == 200
+    assert setup.kushi.record_where(listener="http", method="GET")["status"] == 200
 
 
 def test_socks_false_serves_http_only(setup: Setup) -> None:

@@ -176,6 +176,17 @@ class Kushi:
                 return records
             time.sleep(0.02)
 
+    def record_where(self, timeout: float = 5.0, **want: Any) -> dict[str, Any]:
+        """The one JSON access record whose fields equal ``want``, waiting up to ``timeout``
+        for it to be written."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.json_records() if all(r.get(k) == v for k, v in want.items())]
+            if found or time.monotonic() > deadline:
+                assert len(found) == 1, (want, found, self.log_lines()[-6:])
+                return found[0]
+            time.sleep(0.02)
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
