@@ -23,6 +23,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -346,6 +347,22 @@ def test_udp_associate_relays_over_ipv6_only_for_its_client(net: Net) -> None:
     assert record["bytes_in"] == 3 * len(mark) + len(b"literal-name-after-")
     assert "3 datagrams dropped" in record["details"]
     assert record["upstream"] == f"[{t.v6origin_ip}]:{UDP_PORT}"
+    # ... and the metrics count the datagrams by direction and family.
+    url = f"http://{t.proxy_client_ip}:{ADMIN_PORT}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text: str = resp.read().decode()
+        return text
+
+    samples = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in t.client.call(scrape).splitlines()
+        if line.startswith("kushi_socks_udp_datagrams_total{")
+    }
+    labels = 'direction="{}",family="ipv6",listener="socks",mode="socks"'
+    assert samples[labels.format("client_to_upstream")] >= 3
+    assert samples[labels.format("upstream_to_client")] >= 3
 
 
 # --- Chromium, directly and through the PAC file ---------------------------------------------

@@ -355,3 +355,38 @@ def test_listener_table_errors_name_the_listener_and_key(
 def test_listener_names_must_be_unique(tmp_path: Path) -> None:
     text = '[[listener]]\nname = "a"\nlisten = ["127.0.0.1:1"]\n' * 2
     assert config_error(tmp_path, text).key == "listener.name"
+
+
+def test_socks_listener_defaults() -> None:
+    from kushi.cli import build_parser, overrides_from
+    from kushi.runtime import ListenerState
+
+    args = build_parser().parse_args(["socks"])
+    config = load_config(None, overrides_from(args))
+    (listener,) = config.listeners
+    assert listener.mode == "socks"
+    assert [str(a) for a in listener.listen] == ["127.0.0.1:1080", "[::1]:1080"]
+    assert listener.allow == ("127.0.0.0/8", "::1/128")
+    assert listener.connect_ports == frozenset({22, 80, 443, 465, 587, 993, 995})
+    assert 25 not in listener.connect_ports
+    # The destination policy is built for socks listeners, as for forward ones.
+    state = ListenerState(listener, config)
+    assert state.destinations is not None
+    assert state.destinations(ipaddress.ip_address("127.0.0.1"), 80) is not None
+    # A forward listener keeps its own defaults and serves SOCKS5 unless told not to.
+    forward = load_config(None).listeners[0]
+    assert forward.connect_ports == frozenset({443}) and forward.socks is True
+    no_socks = build_parser().parse_args(["serve", "--no-socks"])
+    assert load_config(None, overrides_from(no_socks)).listeners[0].socks is False
+
+
+def test_socks_listener_is_no_open_proxy() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"mode": "socks", "listen": ["0.0.0.0:1080"], "allow": ["0.0.0.0/0"]})
+    assert caught.value.key == "listener socks: allow"
+    assert "open proxy" in caught.value.problem
+    ok = load_config(
+        None,
+        {"mode": "socks", "listen": ["0.0.0.0:1080"], "allow": ["0.0.0.0/0"], "open": True},
+    )
+    assert ok.listeners[0].open
