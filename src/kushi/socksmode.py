@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 from kushi.accesslog import AccessRecord
 from kushi.acl import client_address
-from kushi.connector import Family
 from kushi.errors import (
     KushiError,
     ProxyAuthRequired,
@@ -332,7 +331,7 @@ class UdpAssociation:
             except KushiError as exc:
                 self.drop(f"{exc.error_type}: {exc.details}")
                 continue
-            transport = await self._outgoing(addr, family)
+            transport = await self._outgoing(addr)
             transport.sendto(datagram.data, (str(addr), datagram.port))
             self.peers.add((addr, datagram.port))
             self.last_activity = session.client.loop.time()
@@ -343,8 +342,8 @@ class UdpAssociation:
                 record.upstream = fmt_addr(str(addr), datagram.port)
                 record.family = family
 
-    async def _outgoing(self, addr: IPAddress, family: Family) -> asyncio.DatagramTransport:
-        del family  # the socket is per IP version; NAT64 addresses are IPv6 too
+    async def _outgoing(self, addr: IPAddress) -> asyncio.DatagramTransport:
+        """One socket per IP version (NAT64 addresses are IPv6 too), opened on first use."""
         transport = self.outgoing.get(addr.version)
         if transport is None:
             loop = self.session.client.loop
