@@ -158,11 +158,15 @@ class Services:
 
     def check_destination(self, addr: IPAddress, port: int) -> str | None:
         """Raise ``LoopDetected`` for one of kushi's own listening sockets (a forwarding
-        loop: RFC 9209 ``proxy_loop_detected``)."""
+        loop: RFC 9209 ``proxy_loop_detected``). An unspecified listener covers the
+        loopback address of its own family only: ``[::]`` is bound IPv6-only (server.bind),
+        so 127.0.0.1 on the same port is another program; ``0.0.0.0`` does not cover ::1."""
         for own, own_port in self.own_addresses:
             if own_port != port:
                 continue
-            if own == addr or (own.is_unspecified and addr.is_loopback):
+            if own == addr or (
+                own.is_unspecified and own.version == addr.version and addr.is_loopback
+            ):
                 raise LoopDetected(f"{addr} port {port} is this kushi's own listening address")
         return None
 
