@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import IO, Literal
 
+from kushi.errors import ConfigError
+
 
 @dataclass(slots=True)
 class AccessRecord:
@@ -83,7 +85,10 @@ class AccessLog:
         if path == "-":
             self._stream = sys.stdout
         elif path:
-            self._stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            try:
+                self._stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise ConfigError("access_log", f"{path}: {exc.strerror}") from None
 
     def write(self, record: AccessRecord) -> None:
         if self._stream is None:

@@ -15,6 +15,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -52,6 +53,9 @@ from kushi.tcpmode import serve_tcp
 log = logging.getLogger("kushi")
 #: Stop (TERM, INT) and reload (HUP): relayed to every worker.
 CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+#: The supervisor gives up after this many worker exits within FAST_FAILURE_WINDOW s.
+FAST_FAILURES = 5
+FAST_FAILURE_WINDOW = 10.0
 
 
 class StartupError(Exception):
@@ -65,9 +69,12 @@ def bind(addr: Address, backlog: int = 1024) -> socket.socket:
             addr.host, addr.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
         )
     except socket.gaierror:
-        infos = socket.getaddrinfo(
-            addr.host, addr.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
+        try:
+            infos = socket.getaddrinfo(
+                addr.host, addr.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+        except (socket.gaierror, UnicodeError):
+            raise StartupError(f"cannot listen on {addr}: host name does not resolve") from None
     fam, _, _, _, sockaddr = infos[0]
     sock = socket.socket(fam, socket.SOCK_STREAM)
     try:
@@ -325,10 +332,20 @@ class Server:
         new_listen = {c.name: c.listen for c in new.listeners}
         if old_listen != new_listen:
             log.warning("reload: listener addresses changed; restart kushi to apply that part")
+        fresh: dict[str, ListenerState] = {}
+        try:
+            for cfg in new.listeners:
+                if cfg.name in self.states and cfg.listen == self.states[cfg.name].cfg.listen:
+                    fresh[cfg.name] = ListenerState(cfg, new, previous=self.states[cfg.name])
+        except ConfigError as exc:
+            for state in fresh.values():
+                state.close()
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
         for cfg in new.listeners:
-            if cfg.name in self.states and cfg.listen == self.states[cfg.name].cfg.listen:
+            if cfg.name in fresh:
                 old = self.states[cfg.name]
-                state = self.states[cfg.name] = ListenerState(cfg, new, previous=old)
+                state = self.states[cfg.name] = fresh[cfg.name]
                 old.close()
                 if state.allow.names:
                     self.background.append(
@@ -498,6 +515,13 @@ def _supervise(
                         worker_start,
                     )
                 )
+            except ConfigError as exc:
+                log.error("worker %d cannot start: %s", index, exc)
+                code = 2
+            except StartupError as exc:
+                log.error("worker %d cannot start: %s", index, exc)
+            except BaseException:
+                log.exception("worker %d failed", index)
             finally:
                 os._exit(code)
         children[pid] = index
@@ -521,9 +545,10 @@ def _supervise(
     # A stop or reload that came while the workers started is relayed to them now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     status = 0
+    failures: collections.deque[float] = collections.deque(maxlen=FAST_FAILURES)
     while children:
         try:
-            pid, code = os.wait()
+            pid, wait_status = os.wait()
         except ChildProcessError:
             break
         except InterruptedError:  # pragma: no cover
@@ -531,12 +556,33 @@ def _supervise(
         index = children.pop(pid, None)
         if index is None:
             continue
-        if not stopping and index is not None:
-            log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
-            time.sleep(0.5)
-            spawn(index)
-        elif os.waitstatus_to_exitcode(code) != 0:
-            status = 1
+        code = os.waitstatus_to_exitcode(wait_status)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+        if stopping:
+            if code != 0:
+                status = 1
+            continue
+        failures.append(time.monotonic())
+        if len(failures) == FAST_FAILURES and failures[-1] - failures[0] < FAST_FAILURE_WINDOW:
+            # A worker that cannot stay up will not start the next time either: give up
+            # with its reason (its own log line above) instead of a restart loop that
+            # systemd's Restart=on-failure would never see.
+            log.error(
+                "worker %d %s; %d worker failures in %g s: stopping kushi",
+                index,
+                how,
+                FAST_FAILURES,
+                FAST_FAILURE_WINDOW,
+            )
+            stopping = True
+            status = code if code > 0 else 1
+            for other in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(other, signal.SIGTERM)
+            continue
+        log.error("worker %d (pid %d) %s; starting a new one", index, pid, how)
+        time.sleep(0.5)
+        spawn(index)
     return status
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 EXAMPLE = files("kushi").joinpath("example.toml")
 TEXT = EXAMPLE.read_text(encoding="utf-8")
 #: Config fields that are not keys of the file.
-NOT_KEYS = {"listeners", "source"}
+NOT_KEYS = {"listeners", "source", "warnings"}
 
 
 def example_path(tmp_path: Path, text: str = TEXT) -> str:
