@@ -19,6 +19,8 @@ from kushi.errors import ConfigError
 
 @dataclass(slots=True)
 class AccessRecord:
+    #: When the request's first byte arrived (or the connection was accepted); both
+    #: formats write the time it ended (``time + duration``), as Squid does.
     time: float
     listener: str
     mode: str
@@ -41,6 +43,7 @@ class AccessRecord:
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: three times slower than this.)
         data = {name: getattr(self, name) for name in _FIELDS}
+        data["time"] = round(self.time + self.duration, 6)
         data["duration_ms"] = round(self.duration * 1000, 3)
         del data["duration"]
         return _JSON.encode(data)
@@ -57,12 +60,16 @@ class AccessRecord:
         if self.error:
             extra.append(f"error={self.error}")
         if self.attempts:
-            extra.append("fallback: " + "; ".join(self.attempts))
+            # "fallback" only when another address was really tried after a failed one
+            # (a success after losers, or several failures); one failure is an attempt.
+            followed = not self.error or len(self.attempts) > 1
+            label = "fallback: " if followed else "attempt: "
+            extra.append(label + "; ".join(self.attempts))
         if self.details and not self.attempts:
             extra.append(self.details)
         note = json.dumps(" ".join(extra)) if extra else "-"
         return (
-            f"{self.time:.3f} {round(self.duration * 1000):6d} {self.client} "
+            f"{self.time + self.duration:.3f} {round(self.duration * 1000):6d} {self.client} "
             f"{result}/{self.status:03d} {self.bytes_out} {self.method} {self.target} "
             f"{self.user or '-'} {hier} {self.content_type or '-'} {self.family or '-'} "
             f"up={self.bytes_in} {note}"

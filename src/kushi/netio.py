@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -33,6 +34,9 @@ class Conn(asyncio.Protocol):
         self.at_eof = False
         self.bytes_in = 0
         self.bytes_out = 0
+        #: Wall-clock time the last byte arrived into an empty ``buf``: the first byte of
+        #: the next request on a kept-alive connection (its duration starts there).
+        self.filled_at = 0.0
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self._on_connect = on_connect
@@ -41,6 +45,7 @@ class Conn(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._lost = False
+        self._tls = False
         self._closed: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The read deadline: one lazily re-armed timer per connection (see _wait_data).
@@ -69,6 +74,8 @@ class Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if not self.buf:
+            self.filled_at = time.time()
         self.buf += data
         if len(self.buf) > READ_HIGH and not self._read_paused and self.transport is not None:
             self._read_paused = True
@@ -78,7 +85,9 @@ class Conn(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.at_eof = True
         self._wake()
-        return True  # keep the transport open: the other direction may still be writing
+        # Keep the transport open: the other direction may still be writing. (A TLS
+        # transport cannot half-close; asyncio warns when asked to, so it is not asked.)
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.at_eof = True
@@ -254,6 +263,7 @@ class Conn(asyncio.Protocol):
             ssl_handshake_timeout=ssl_handshake_timeout,
         )
         self.transport = cast(asyncio.Transport, transport)
+        self._tls = True
 
 
 async def serve_socket(

@@ -155,6 +155,7 @@ class HttpSession:
         while True:
             timeout = timeouts.header_read if first or self.client.buf else timeouts.idle
             started = time.time()
+            waiting = not self.client.buf
             if self.services.stopping and not self.client.buf:
                 return
             consumed_before = self.client.bytes_in - len(self.client.buf)
@@ -169,16 +170,23 @@ class HttpSession:
             except TimeoutError:
                 if self.client.buf:
                     await self._fail_early(
-                        RequestTimeout("request head not received in time"), started
+                        RequestTimeout("request head not received in time"),
+                        max(started, self.client.filled_at) if waiting else started,
                     )
                 return
             except KushiError as exc:
-                await self._fail_early(exc, started)
+                await self._fail_early(
+                    exc, max(started, self.client.filled_at) if waiting else started
+                )
                 return
             finally:
                 self.services.idle.discard(self)
             if head_bytes is None:
                 return
+            if waiting:
+                # The request began with its first byte, not when the (keep-alive) wait
+                # for it did: Squid's duration.
+                started = max(started, self.client.filled_at)
             first = False
             state = self.get_state()
             record = AccessRecord(
@@ -614,6 +622,11 @@ class HttpSession:
         elif client_11:
             out_framing = "chunked"
             headers.append((b"Transfer-Encoding", b"chunked"))
+            # The trailer section goes on (below), so does the field announcing it
+            # (RFC 9110 section 6.6.2); with any other framing the trailers are dropped.
+            announced = resp.get_all(b"trailer")
+            if announced:
+                headers.append((b"Trailer", b", ".join(announced)))
         else:
             out_framing = "close"
 

@@ -478,6 +478,8 @@ def test_response_body_chunked_with_trailers_arrives_intact(kushi: Proxy, origin
     assert resp.get("transfer-encoding") == "chunked"
     assert hashlib.sha256(resp.body).hexdigest() == pattern_sha256(n)
     assert resp.trailers == [("X-Trailer", "done")]
+    # The field announcing the trailer section goes on with it (RFC 9110 section 6.6.2).
+    assert resp.get_all("trailer") == ["X-Trailer"]
 
 
 def test_response_body_read_until_close_arrives_intact(kushi: Proxy, origin: Origin) -> None:
