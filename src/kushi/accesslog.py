@@ -39,6 +39,9 @@ class AccessRecord:
     attempts: list[str] = field(default_factory=list)
     user: str = ""
     connect_ms: float = 0.0  # 0 when a pooled connection was reused
+    #: Cut short (by shutdown's grace limit, or either side) after the response began:
+    #: ``bytes_out`` is what really left. Squid's ``_ABORTED`` tag suffix.
+    aborted: bool = False
 
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: three times slower than this.)
@@ -49,13 +52,19 @@ class AccessRecord:
         return _JSON.encode(data)
 
     def to_squid(self) -> str:
-        if self.method == "CONNECT" or self.mode == "tcp":
+        # Squid's result codes: refusals by policy are TCP_DENIED (whatever the method);
+        # a transfer cut short keeps its tag with the _ABORTED suffix.
+        if self.error in _DENIED and self.status in (403, 407):
+            result = "TCP_DENIED"
+        elif self.method == "CONNECT" or self.mode == "tcp":
             result = "TCP_TUNNEL"
-        elif self.error:
-            result = "TCP_MISS_ABORTED" if self.status in (0, 200) else "NONE_NONE"
+        elif self.error and not self.aborted and not self.upstream:
+            result = "NONE_NONE"
         else:
             result = "TCP_MISS"
-        hier = f"HIER_DIRECT/{self.upstream}" if self.upstream else "HIER_NONE/-"
+        if self.aborted:
+            result += "_ABORTED"
+        hier = f"HIER_DIRECT/{_host_only(self.upstream)}" if self.upstream else "HIER_NONE/-"
         extra = []
         if self.error:
             extra.append(f"error={self.error}")
@@ -77,6 +86,15 @@ class AccessRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(AccessRecord))
+#: Error types of a request refused by kushi's own access rules (Squid: TCP_DENIED/403,
+#: TCP_DENIED/407 when credentials are missing or wrong).
+_DENIED = frozenset({"http_request_denied"})
+
+
+def _host_only(hop: str) -> str:
+    """``[2001:db8::1]:80`` -> ``2001:db8::1``: Squid's hierarchy field has no port."""
+    host = hop.rpartition(":")[0] if hop.rpartition(":")[2].isdigit() else hop
+    return host[1:-1] if host.startswith("[") else host
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 

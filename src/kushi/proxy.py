@@ -159,6 +159,7 @@ class HttpSession:
             if self.services.stopping and not self.client.buf:
                 return
             consumed_before = self.client.bytes_in - len(self.client.buf)
+            sent_before = self.client.bytes_out
             self.services.idle.add(self)
             try:
                 head_bytes = await read_head(
@@ -204,6 +205,12 @@ class HttpSession:
             except ClientGone:
                 keep = False
                 record.error = record.error or "client_closed"
+                record.aborted = True
+            except asyncio.CancelledError:
+                # Shutdown's grace ran out while this request or tunnel was in flight.
+                record.error = record.error or "shutdown"
+                record.aborted = True
+                raise
             except Exception as exc:  # never a traceback to the client
                 log.exception("internal error handling %s", record.target)
                 keep = await self._answer_error(
@@ -213,6 +220,12 @@ class HttpSession:
                 self._release_upstream(False)
                 # What this request took from the client: its head, body or tunnel bytes.
                 record.bytes_in = self.client.bytes_in - len(self.client.buf) - consumed_before
+                if record.aborted or (record.error and record.status == 200):
+                    # Cut short: what really left for the client (not what was queued).
+                    record.aborted = True
+                    record.bytes_out = (
+                        self.client.bytes_out - sent_before - self.client.write_buffer_size()
+                    )
                 record.duration = time.time() - started
                 self.services.record(state, record)
             if not keep or self.client.closed:

@@ -97,6 +97,14 @@ def bind(addr: Address, backlog: int = 1024) -> socket.socket:
     return sock
 
 
+def close_listening(sockets: dict[str, list[socket.socket]]) -> None:
+    """Close this process's copies of the listening sockets (the kernel stops accepting
+    once every process holding one has closed it)."""
+    for socks in sockets.values():
+        for sock in socks:
+            sock.close()
+
+
 def bind_all(config: Config) -> dict[str, list[socket.socket]]:
     bound: dict[str, list[socket.socket]] = {}
     try:
@@ -360,8 +368,11 @@ class Server:
         return True
 
     async def shutdown(self) -> None:
+        # Listening stops first, so new clients are refused at once instead of waiting in
+        # the accept queue of a process that will not accept them (nginx, Squid).
         for server in self.servers:
             server.close()
+        close_listening(self.sockets)
         self.services.stopping = True
         for session in list(self.services.idle):
             session.close_idle()
@@ -372,6 +383,12 @@ class Server:
             )
             # Idle keep-alive connections end at once; requests in flight finish.
             await asyncio.wait(set(self.connections), timeout=grace)
+        dropped = len(self.connections)
+        if dropped:
+            # Each one is logged as aborted, with the bytes that really passed.
+            log.warning(
+                "shutdown grace of %g s over: dropping %d connections still open", grace, dropped
+            )
         for task in list(self.connections):
             task.cancel()
         if self.connections:
@@ -448,6 +465,7 @@ async def run_server(
     await stop.wait()
     log.info("stopping: no new connections")
     await server.shutdown()
+    log.info("stopped")
     return 0
 
 
@@ -533,6 +551,9 @@ def _supervise(
         nonlocal stopping
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            # No worker will be started again: the supervisor's copies of the listening
+            # sockets must not keep accepting clients that nobody serves.
+            close_listening(sockets)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
@@ -583,6 +604,7 @@ def _supervise(
         log.error("worker %d (pid %d) %s; starting a new one", index, pid, how)
         time.sleep(0.5)
         spawn(index)
+    log.info("stopped")
     return status
 
 
