@@ -95,6 +95,8 @@ def _host_only(hop: str) -> str:
     """``[2001:db8::1]:80`` -> ``2001:db8::1``: Squid's hierarchy field has no port."""
     host = hop.rpartition(":")[0] if hop.rpartition(":")[2].isdigit() else hop
     return host[1:-1] if host.startswith("[") else host
+
+
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
