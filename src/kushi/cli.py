@@ -145,14 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="send the client's address to the backend in PROXY protocol v1 or v2",
         )
 
-    config = sub.add_parser("config", help="check a config file or print the commented example")
+    config = sub.add_parser(
+        "config", help="check a config file, print the commented example or the systemd unit"
+    )
     config_sub = config.add_subparsers(
-        dest="config_command", parser_class=_Parser, metavar="{check,example}"
+        dest="config_command", parser_class=_Parser, metavar="{check,example,unit}"
     )
     config.set_defaults(config_usage=config.format_usage())
     check = config_sub.add_parser("check", help="validate FILE: exit 0 if good, 2 with the problem")
     check.add_argument("file")
     config_sub.add_parser("example", help="print the commented example config")
+    config_sub.add_parser(
+        "unit", help="print the systemd unit (installs under /opt/kushi; see its comments)"
+    )
 
     whoami = sub.add_parser(
         "whoami",
@@ -211,7 +216,9 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "config":
         if args.config_command is None:
             sys.stderr.write(args.config_usage)
-            print("kushi config: choose a subcommand: check FILE or example", file=sys.stderr)
+            print(
+                "kushi config: choose a subcommand: check FILE, example or unit", file=sys.stderr
+            )
             return EXIT_CONFIG
         return config_command(args)
     if args.command == "whoami":
@@ -260,10 +267,11 @@ def run(config: Config, overrides: dict[str, Any]) -> int:
 
 
 def config_command(args: argparse.Namespace) -> int:
-    if args.config_command == "example":
+    if args.config_command in ("example", "unit"):
         from importlib.resources import files
 
-        sys.stdout.write(files("kushi").joinpath("example.toml").read_text(encoding="utf-8"))
+        name = "example.toml" if args.config_command == "example" else "kushi.service"
+        sys.stdout.write(files("kushi").joinpath(name).read_text(encoding="utf-8"))
         return 0
     try:
         config = load_config(args.file)
