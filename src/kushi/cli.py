@@ -216,9 +216,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "config":
         if args.config_command is None:
             sys.stderr.write(args.config_usage)
-            print(
-                "kushi config: choose a subcommand: check FILE, example or unit", file=sys.stderr
-            )
+            print("kushi config: choose a subcommand: check FILE, example or unit", file=sys.stderr)
             return EXIT_CONFIG
         return config_command(args)
     if args.command == "whoami":
