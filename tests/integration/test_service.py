@@ -84,7 +84,7 @@ def test_systemd_analyze_security_rates_the_unit_ok(unit_copy: Path) -> None:
     )
     match = re.search(r"Overall exposure level for kushi\.service: ([\d.]+) (\w+)", proc.stdout)
     assert match, proc.stdout[-2000:] + proc.stderr
-    # systemd's scale: 0 (sandboxed) to 10 (fully exposed); below 2 is "OK".
+    # systemd's scale: 0 (sandboxed) to 10 (fully exposed); 1.5 when this was written.
     assert float(match.group(1)) < 2.0 and match.group(2) == "OK", match.group(0)
 
 
