@@ -176,11 +176,17 @@ def test_readme_reverse_and_tcp_examples_on_the_same_port(
     assert status == 200 and body == ONE_K, headers
     assert f'next-hop="127.0.0.1:{port}"' in headers["proxy-status"]
 
-    tcp_origin = origin_factory(["127.0.0.1:0"])
+    # kushi tcp --listen [::]:443 --backend 127.0.0.1:443 --backend-proxy-protocol 2
+    tcp_origin = origin_factory(["127.0.0.1:0"], proxy_protocol=True)
     tport = tcp_origin.port
-    kushi_factory(["tcp", "--listen", f"[::]:{tport}", "--backend", f"127.0.0.1:{tport}"])
+    kushi_factory(
+        ["tcp", "--listen", f"[::]:{tport}", "--backend", f"127.0.0.1:{tport}"]
+        + ["--backend-proxy-protocol", "2"]
+    )
     status, _, body = curl(f"http://[::1]:{tport}/1k")
     assert status == 200 and body == ONE_K
+    (req,) = tcp_origin.wait_requests(1)
+    assert req["proxy_protocol"]["version"] == 2 and req["proxy_protocol"]["src"] == "::1"
 
     # 0.0.0.0 covers 127.0.0.1: that backend is kushi itself.
     loop_port = free_port("127.0.0.1")
