@@ -46,6 +46,8 @@ class Conn(asyncio.Protocol):
         self._read_paused = False
         self._lost = False
         self._tls = False
+        #: The peer reset the connection (or it failed), as opposed to a close.
+        self.reset = False
         self._closed: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The read deadline: one lazily re-armed timer per connection (see _wait_data).
@@ -92,6 +94,8 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.at_eof = True
         self._lost = True
+        if exc is not None:
+            self.reset = True
         self._wake()
         if self._timer is not None:
             self._timer.cancel()

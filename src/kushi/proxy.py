@@ -615,7 +615,7 @@ class HttpSession:
             upstream.conn.buf, pending = bytearray(), bytes(upstream.conn.buf)
             if pending:
                 self.client.write(pending)
-            _up, down = await self.services.relay(self.client, upstream.conn)
+            _up, down = await self.services.relay(self.client, upstream.conn, record)
             record.bytes_out += down
             upstream.conn.close()
             self.upstream = None
@@ -739,7 +739,7 @@ class HttpSession:
         except ClientGone:
             upstream.conn.abort()
             raise
-        _up, down = await self.services.relay(self.client, upstream.conn)
+        _up, down = await self.services.relay(self.client, upstream.conn, record)
         record.bytes_out += down
         upstream.conn.close()
         return False

@@ -175,13 +175,18 @@ class Services:
         if addr is not None:
             self.own_addresses.add((addr, port))
 
-    async def relay(self, a: Conn, b: Conn) -> tuple[int, int]:
-        """A tunnel (CONNECT, upgrade or TCP mode), counted while open."""
+    async def relay(self, a: Conn, b: Conn, record: AccessRecord | None = None) -> tuple[int, int]:
+        """A tunnel (CONNECT, upgrade or TCP mode), counted while open. A tunnel that
+        ended because either side reset its connection is marked aborted in ``record``
+        (Squid's TCP_TUNNEL_ABORTED); a close from either side is a normal end."""
         self.open_tunnels += 1
         try:
-            return await relay(a, b, self.config.timeouts.tunnel_idle)
+            moved = await relay(a, b, self.config.timeouts.tunnel_idle)
         finally:
             self.open_tunnels -= 1
+        if record is not None and (a.reset or b.reset):
+            record.aborted = True
+        return moved
 
     def record(self, listener: ListenerState, record: AccessRecord) -> None:
         listener.access_log.write(record)

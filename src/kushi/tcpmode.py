@@ -64,7 +64,7 @@ async def serve_tcp(
             )
         record.status = 200
         try:
-            record.bytes_in, record.bytes_out = await services.relay(client, upstream.conn)
+            record.bytes_in, record.bytes_out = await services.relay(client, upstream.conn, record)
         except asyncio.CancelledError:
             # Shutdown's grace ran out: log the bytes that really passed, as aborted.
             record.error, record.aborted = "shutdown", True
