@@ -88,14 +88,23 @@ def parse_hostport(text: str, key: str, default_port: int | None = None) -> Addr
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds. ``happy_eyeballs_delay`` is RFC 8305's Connection Attempt Delay."""
+    """Seconds. ``happy_eyeballs_delay`` is RFC 8305's Connection Attempt Delay.
+
+    Each phase of an exchange has its own deadline, armed when the phase starts:
+    ``header_read`` (the request head), ``request_body_idle`` (no byte of the request body
+    for that long), ``upstream_header`` (the response head, counted from the end of the
+    request body, so a slow upload is never cut by it), ``response_body_idle`` (no byte of
+    the response body), ``idle`` (keep-alive between requests), ``tunnel_idle`` and
+    ``shutdown_grace``. The access log names the one that fired."""
 
     connect: float = 10.0
     happy_eyeballs_delay: float = 0.25
     dns: float = 5.0
     header_read: float = 30.0
     idle: float = 60.0
+    request_body_idle: float = 60.0
     upstream_header: float = 60.0
+    response_body_idle: float = 60.0
     tunnel_idle: float = 600.0
     shutdown_grace: float = 30.0
 

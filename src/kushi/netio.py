@@ -139,6 +139,10 @@ class Conn(asyncio.Protocol):
         if self._read_paused and self.transport is not None and len(self.buf) < READ_HIGH:
             self._read_paused = False
             self.transport.resume_reading()
+        if self._waiter is not None:
+            # One reader at a time: a second one would take the first one's wake-up and
+            # leave it waiting forever.
+            raise RuntimeError(f"{self!r}: another task is already reading")
         loop = self.loop
         waiter = loop.create_future()
         self._waiter = waiter
@@ -181,13 +185,13 @@ class Conn(asyncio.Protocol):
             await self._wait_data(deadline)
         return True
 
-    async def read_some(self, size: int = READ_SIZE) -> bytes:
+    async def read_some(self, size: int = READ_SIZE, deadline: float | None = None) -> bytes:
         """Buffered bytes first, else the next bytes to arrive (at most ``size``); b"" at
-        the end of the stream."""
+        the end of the stream; ``TimeoutError`` if none came by ``deadline``."""
         while not self.buf:
             if self.at_eof:
                 return b""
-            await self._wait_data()
+            await self._wait_data(deadline)
         if len(self.buf) <= size:
             data = bytes(self.buf)
             self.buf.clear()

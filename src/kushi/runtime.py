@@ -86,8 +86,15 @@ class BackendSet:
 
 
 class ListenerState:
+    """One listener's immutable runtime snapshot: a reload builds a new one, and each
+    request (or tunnel) holds the one it started with until it is logged. The snapshot's
+    access log stays open until its last holder is done."""
+
     def __init__(self, cfg: Listener, config: Config, previous: ListenerState | None = None):
         self.cfg = cfg
+        self.config = config
+        self._holders = 0
+        self._retired = False
         self.allow = AllowList(cfg.allow)
         if previous is not None:
             for name, addrs in previous.allow.resolved.items():
@@ -111,6 +118,21 @@ class ListenerState:
             if cfg.mode == "forward"
             else None
         )
+
+    def hold(self) -> None:
+        """A request or tunnel starts using this snapshot."""
+        self._holders += 1
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._retired and self._holders <= 0:
+            self.access_log.close()
+
+    def retire(self) -> None:
+        """Replaced by a reload: close the log once the requests still using it are done."""
+        self._retired = True
+        if self._holders <= 0:
+            self.access_log.close()
 
     def close(self) -> None:
         self.access_log.close()

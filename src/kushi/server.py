@@ -161,6 +161,8 @@ class Server:
         self.connections: set[asyncio.Task[None]] = set()
         self.per_client: Counter[str] = Counter()
         self.background: list[asyncio.Task[None]] = []
+        #: Allow-list refreshes started by reloads, while they run.
+        self.refreshes: set[asyncio.Future[None]] = set()
         self.stopping = asyncio.Event()
         self.reloads = 0
         self.on_reload: list[Callable[[Config], None]] = []
@@ -222,7 +224,11 @@ class Server:
                             ),
                         )
                         return
-                    await serve_tcp(self.services, state, client, info, name)
+                    state.hold()  # the tunnel keeps the snapshot it started with
+                    try:
+                        await serve_tcp(self.services, state, client, info, name)
+                    finally:
+                        state.release()
                 else:
                     session = HttpSession(
                         self.services, name, lambda: self.states[name], client, info
@@ -354,11 +360,12 @@ class Server:
             if cfg.name in fresh:
                 old = self.states[cfg.name]
                 state = self.states[cfg.name] = fresh[cfg.name]
-                old.close()
+                old.retire()
                 if state.allow.names:
-                    self.background.append(
-                        asyncio.ensure_future(state.allow.refresh(self.services.resolver))
-                    )
+                    # Held until done, then dropped: nothing accumulates per reload.
+                    task = asyncio.ensure_future(state.allow.refresh(self.services.resolver))
+                    self.refreshes.add(task)
+                    task.add_done_callback(self.refreshes.discard)
         self.config = replace(new, listeners=tuple(self.states[n].cfg for n in self.states))
         self.services.config = self.config
         self.reloads += 1
@@ -393,8 +400,8 @@ class Server:
             task.cancel()
         if self.connections:
             await asyncio.wait(set(self.connections), timeout=2)
-        for task in self.background:
-            task.cancel()
+        for job in [*self.background, *self.refreshes]:
+            job.cancel()
         self.services.pool.close()
         for state in self.states.values():
             state.close()
