@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy
@@ -139,6 +139,7 @@ class ListenerState:
 
 
 RecordHook = Callable[[AccessRecord], None]
+Lifecycle = Literal["running", "draining", "stopped"]
 
 
 class Idle(Protocol):
@@ -158,11 +159,17 @@ class Services:
     )
     hooks: list[RecordHook] = field(default_factory=list)
     started: float = field(default_factory=time.time)
-    #: Set when shutdown begins: sessions finish their request and close.
-    stopping: bool = False
+    #: The process's one lifecycle state: running, then draining (SIGTERM: listeners
+    #: closed, sessions finish their request and close), then stopped.
+    lifecycle: Lifecycle = "running"
     open_tunnels: int = 0
     #: Client connections waiting for their next request head (closed at shutdown).
     idle: set[Idle] = field(default_factory=set)
+
+    @property
+    def stopping(self) -> bool:
+        """Draining or stopped: no new request starts on a kept-alive connection."""
+        return self.lifecycle != "running"
 
     @classmethod
     def build(cls, config: Config, pseudonym: str | None = None) -> Services:

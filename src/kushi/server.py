@@ -163,7 +163,6 @@ class Server:
         self.background: list[asyncio.Task[None]] = []
         #: Allow-list refreshes started by reloads, while they run.
         self.refreshes: set[asyncio.Future[None]] = set()
-        self.stopping = asyncio.Event()
         self.reloads = 0
         self.on_reload: list[Callable[[Config], None]] = []
 
@@ -380,7 +379,7 @@ class Server:
         for server in self.servers:
             server.close()
         close_listening(self.sockets)
-        self.services.stopping = True
+        self.services.lifecycle = "draining"
         for session in list(self.services.idle):
             session.close_idle()
         grace = self.config.timeouts.shutdown_grace
@@ -405,6 +404,7 @@ class Server:
         self.services.pool.close()
         for state in self.states.values():
             state.close()
+        self.services.lifecycle = "stopped"
 
 
 @functools.lru_cache(maxsize=4096)
