@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # System packages the tests drive for real (curl as the client, ip for namespaces,
 # haproxy for the scale-out case, chromium for the status page and PAC tests, openssl,
-# netcat-openbsd for `nc -X 5`, the SOCKS5 client ssh users put in ProxyCommand).
-TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl netcat-openbsd
+# calamaris to read the Squid-format access log as Squid log tools do, systemd for
+# systemd-analyze on the unit, util-linux for setpriv and unshare, netcat-openbsd for
+# `nc -X 5`, the SOCKS5 client ssh users put in ProxyCommand).
+TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl calamaris systemd util-linux netcat-openbsd
 BENCH_SYSPKGS := wrk apache2-utils nginx-light squid tinyproxy curl
 
 .PHONY: run test lint unit sysdeps bench bench-quick bench-profile soak clean

@@ -14,9 +14,13 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import IO, Literal
 
+from kushi.errors import ConfigError
+
 
 @dataclass(slots=True)
 class AccessRecord:
+    #: When the request's first byte arrived (or the connection was accepted); both
+    #: formats write the time it ended (``time + duration``), as Squid does.
     time: float
     listener: str
     mode: str
@@ -37,34 +41,48 @@ class AccessRecord:
     connect_ms: float = 0.0  # 0 when a pooled connection was reused
     datagrams_in: int = 0  # SOCKS5 UDP ASSOCIATE: relayed from the client
     datagrams_out: int = 0  # and to it
+    #: Cut short (by shutdown's grace limit, or either side) after the response began:
+    #: ``bytes_out`` is what really left. Squid's ``_ABORTED`` tag suffix.
+    aborted: bool = False
 
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: three times slower than this.)
         data = {name: getattr(self, name) for name in _FIELDS}
+        data["time"] = round(self.time + self.duration, 6)
         data["duration_ms"] = round(self.duration * 1000, 3)
         del data["duration"]
         return _JSON.encode(data)
 
     def to_squid(self) -> str:
-        if self.method in ("CONNECT", "SOCKS5-CONNECT") or self.mode == "tcp":
+        # Squid's result codes: refusals by policy are TCP_DENIED (whatever the method);
+        # a transfer cut short keeps its tag with the _ABORTED suffix.
+        if self.error in _DENIED and self.status in (403, 407):
+            result = "TCP_DENIED"
+        elif self.method in ("CONNECT", "SOCKS5-CONNECT") or self.mode == "tcp":
             result = "TCP_TUNNEL"
-        elif self.error:
-            result = "TCP_MISS_ABORTED" if self.status in (0, 200) else "NONE_NONE"
+        elif self.error and not self.aborted and not self.upstream:
+            result = "NONE_NONE"
         else:
             result = "TCP_MISS"
-        hier = f"HIER_DIRECT/{self.upstream}" if self.upstream else "HIER_NONE/-"
+        if self.aborted:
+            result += "_ABORTED"
+        hier = f"HIER_DIRECT/{_host_only(self.upstream)}" if self.upstream else "HIER_NONE/-"
         extra = []
         if self.error:
             extra.append(f"error={self.error}")
         if self.datagrams_in or self.datagrams_out:
             extra.append(f"datagrams={self.datagrams_in}/{self.datagrams_out}")
         if self.attempts:
-            extra.append("fallback: " + "; ".join(self.attempts))
+            # "fallback" only when another address was really tried after a failed one
+            # (a success after losers, or several failures); one failure is an attempt.
+            followed = not self.error or len(self.attempts) > 1
+            label = "fallback: " if followed else "attempt: "
+            extra.append(label + "; ".join(self.attempts))
         if self.details and not self.attempts:
             extra.append(self.details)
         note = json.dumps(" ".join(extra)) if extra else "-"
         return (
-            f"{self.time:.3f} {round(self.duration * 1000):6d} {self.client} "
+            f"{self.time + self.duration:.3f} {round(self.duration * 1000):6d} {self.client} "
             f"{result}/{self.status:03d} {self.bytes_out} {self.method} {self.target} "
             f"{self.user or '-'} {hier} {self.content_type or '-'} {self.family or '-'} "
             f"up={self.bytes_in} {note}"
@@ -72,6 +90,17 @@ class AccessRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(AccessRecord))
+#: Error types of a request refused by kushi's own access rules (Squid: TCP_DENIED/403,
+#: TCP_DENIED/407 when credentials are missing or wrong).
+_DENIED = frozenset({"http_request_denied"})
+
+
+def _host_only(hop: str) -> str:
+    """``[2001:db8::1]:80`` -> ``2001:db8::1``: Squid's hierarchy field has no port."""
+    host = hop.rpartition(":")[0] if hop.rpartition(":")[2].isdigit() else hop
+    return host[1:-1] if host.startswith("[") else host
+
+
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -87,7 +116,10 @@ class AccessLog:
         if path == "-":
             self._stream = sys.stdout
         elif path:
-            self._stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            try:
+                self._stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise ConfigError("access_log", f"{path}: {exc.strerror}") from None
 
     def write(self, record: AccessRecord) -> None:
         if self._stream is None:

@@ -300,7 +300,7 @@ def _load_static() -> dict[str, bytes]:
 
 def shutting_down(server: Server) -> bool:
     """True from the moment the proxy listeners stop accepting (SIGTERM/SIGINT)."""
-    if server.services.stopping or server.stopping.is_set():
+    if server.services.stopping:
         return True
     return bool(server.servers) and not any(s.is_serving() for s in server.servers)
 

@@ -8,7 +8,7 @@ line naming the key and exits 2; a listener that cannot start prints one line an
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -18,6 +18,9 @@ from kushi.config import DEFAULT_CONNECT_PORTS, GLOBAL_KEYS, LISTENER_KEYS, Conf
 from kushi.errors import ConfigError
 
 EXIT_CONFIG = 2
+#: Output cut short by a closed pipe (``kushi check --json ... | head``): 128 + SIGPIPE,
+#: what a shell reports for a Unix tool stopped the same way.
+EXIT_BROKEN_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -171,11 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="send the client's address to the backend in PROXY protocol v1 or v2",
         )
 
-    config = sub.add_parser("config", help="check a config file or print the commented example")
-    config_sub = config.add_subparsers(dest="config_command", parser_class=_Parser, required=True)
+    config = sub.add_parser(
+        "config", help="check a config file, print the commented example or the systemd unit"
+    )
+    config_sub = config.add_subparsers(
+        dest="config_command", parser_class=_Parser, metavar="{check,example,unit}"
+    )
+    config.set_defaults(config_usage=config.format_usage())
     check = config_sub.add_parser("check", help="validate FILE: exit 0 if good, 2 with the problem")
     check.add_argument("file")
     config_sub.add_parser("example", help="print the commented example config")
+    config_sub.add_parser(
+        "unit", help="print the systemd unit (installs under /opt/kushi; see its comments)"
+    )
 
     whoami = sub.add_parser(
         "whoami",
@@ -220,7 +231,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, "serve")
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except BrokenPipeError:
+        # The reader went away: say nothing more (no traceback, no second error when
+        # Python flushes stdout at exit).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "config":
+        if args.config_command is None:
+            sys.stderr.write(args.config_usage)
+            print("kushi config: choose a subcommand: check FILE, example or unit", file=sys.stderr)
+            return EXIT_CONFIG
         return config_command(args)
     if args.command == "whoami":
         from kushi.whoami import run as run_whoami
@@ -236,7 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kushi: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    print_warnings(config)
     return run(config, overrides)
+
+
+def print_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        print(f"kushi: warning: {warning}", file=sys.stderr)
 
 
 def run(config: Config, overrides: dict[str, Any]) -> int:
@@ -252,24 +284,28 @@ def run(config: Config, overrides: dict[str, Any]) -> int:
         finally:
             plan.close()
     except StartupError as exc:
-        logging.getLogger("kushi").error("%s", exc)
         print(f"kushi: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found only when opening (a log file removed since loading)
+        print(f"kushi: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:  # pragma: no cover
         return 0
 
 
 def config_command(args: argparse.Namespace) -> int:
-    if args.config_command == "example":
+    if args.config_command in ("example", "unit"):
         from importlib.resources import files
 
-        sys.stdout.write(files("kushi").joinpath("example.toml").read_text(encoding="utf-8"))
+        name = "example.toml" if args.config_command == "example" else "kushi.service"
+        sys.stdout.write(files("kushi").joinpath(name).read_text(encoding="utf-8"))
         return 0
     try:
         config = load_config(args.file)
     except ConfigError as exc:
         print(f"kushi: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    print_warnings(config)
     names = ", ".join(f"{c.name} ({c.mode})" for c in config.listeners)
     print(f"{args.file}: OK; listeners: {names}")
     return 0

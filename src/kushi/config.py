@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -106,14 +107,23 @@ DEFAULT_LISTEN: dict[str, tuple[Address, ...]] = {
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds. ``happy_eyeballs_delay`` is RFC 8305's Connection Attempt Delay."""
+    """Seconds. ``happy_eyeballs_delay`` is RFC 8305's Connection Attempt Delay.
+
+    Each phase of an exchange has its own deadline, armed when the phase starts:
+    ``header_read`` (the request head), ``request_body_idle`` (no byte of the request body
+    for that long), ``upstream_header`` (the response head, counted from the end of the
+    request body, so a slow upload is never cut by it), ``response_body_idle`` (no byte of
+    the response body), ``idle`` (keep-alive between requests), ``tunnel_idle`` and
+    ``shutdown_grace``. The access log names the one that fired."""
 
     connect: float = 10.0
     happy_eyeballs_delay: float = 0.25
     dns: float = 5.0
     header_read: float = 30.0
     idle: float = 60.0
+    request_body_idle: float = 60.0
     upstream_header: float = 60.0
+    response_body_idle: float = 60.0
     tunnel_idle: float = 600.0
     shutdown_grace: float = 30.0
 
@@ -172,6 +182,9 @@ class Config:
     admin_allow: tuple[str, ...] = LOOPBACK_ONLY
     pac_proxy: str = ""
     source: str | None = None
+    #: Values that are valid but suspicious, one line each (the command line prints them
+    #: as warnings; nginx's "worker_connections exceed open file resource limit" kind).
+    warnings: tuple[str, ...] = ()
 
     def listener(self, name: str) -> Listener:
         for item in self.listeners:
@@ -223,10 +236,18 @@ def _number(key: str, value: Any, *, integer: bool = False, minimum: float = 0) 
 
 
 def parse_network(key: str, text: str) -> IPNetwork:
+    """An address or CIDR network; host bits set (``10.0.0.1/8``) are an error, as in
+    ``ipaddress`` strict mode: which of the two was meant cannot be guessed."""
     try:
         net = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise ConfigError(key, f"{text!r} is not an address or CIDR network") from None
+    if net.network_address != ipaddress.ip_interface(text.strip()).ip:
+        raise ConfigError(
+            key,
+            f"{text.strip()!r} has host bits set: write {net} for the network "
+            f"or {ipaddress.ip_interface(text.strip()).ip} for the one address",
+        )
     return unmap_network(net)
 
 
@@ -252,6 +273,9 @@ def _allow_entries(key: str, value: Any) -> tuple[str, ...]:
     out = []
     for entry in _str_list(key, value):
         entry = entry.strip()
+        if "/" in entry or _ip(entry) is not None:
+            out.append(str(parse_network(key, entry)))
+            continue
         try:
             out.append(str(parse_network(key, entry)))
         except ConfigError:
@@ -302,6 +326,8 @@ def _listener_value(key: str, value: Any) -> Any:
         addrs = tuple(parse_hostport(v, key) for v in _str_list(key, value))
         if not addrs:
             raise ConfigError(key, "needs at least one HOST:PORT")
+        for addr in addrs:
+            _check_listen_host(key, addr)
         return addrs
     if key == "allow":
         return _allow_entries(key, value)
@@ -323,6 +349,8 @@ def _listener_value(key: str, value: Any) -> Any:
         return _ports(key, value)
     if key == "access_log":
         text = _str(key, value)
+        if text and text != "-":
+            check_writable(key, text)
         return text or None
     if key == "access_log_format":
         return _choice(key, value, LOG_FORMATS)
@@ -359,12 +387,21 @@ def _check_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> None:
     if not backends:
         raise ConfigError(key, f"a {mode} listener needs at least one backend")
     for item in backends:
+        scheme, sep, rest = item.partition("://")
         if mode == "reverse":
-            scheme, sep, rest = item.partition("://")
             if not sep or scheme != "http":
                 raise ConfigError(key, f"{item!r}: expected http://HOST[:PORT]")
-            parse_hostport(rest.rstrip("/"), key, default_port=80)
+            authority, slash, path = rest.partition("/")
+            if path:
+                raise ConfigError(
+                    key,
+                    f"{item!r}: a path (/{path}) is not supported; a backend is "
+                    "http://HOST[:PORT] and gets each request's own path",
+                )
+            parse_hostport(authority, key, default_port=80)
         else:
+            if sep:
+                raise ConfigError(key, f"{item!r}: a tcp backend is HOST:PORT, without {scheme}://")
             parse_hostport(item, key)
 
 
@@ -397,7 +434,81 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
             f"listener {name}: proxy_protocol_from",
             "proxy_protocol = true needs the trusted load balancers' addresses",
         )
+    _check_dead_denials(name, listener)
     return listener
+
+
+def _check_dead_denials(name: str, listener: Listener) -> None:
+    """A ``deny_destinations`` rule wholly inside an ``allow_destinations`` one never
+    applies (allow is checked first): the same destination both allowed and denied."""
+    allows = [parse_destination_rule("allow_destinations", e) for e in listener.allow_destinations]
+    for entry in listener.deny_destinations:
+        net, ports = parse_destination_rule("deny_destinations", entry)
+        for allow_net, allow_ports in allows:
+            covered = net.version == allow_net.version and net.subnet_of(allow_net)  # type: ignore[arg-type]
+            if covered and (not allow_ports or (ports and ports <= allow_ports)):
+                raise ConfigError(
+                    f"listener {name}: deny_destinations",
+                    f"{entry!r} is also allowed by allow_destinations "
+                    f"({allow_net}), which is checked first: the denial never applies",
+                )
+
+
+def _check_listen_host(key: str, addr: Address) -> None:
+    """A listen host name must resolve now (nginx: "host not found in listen")."""
+    if _ip(addr.host) is not None:
+        return
+    try:
+        socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError(key, f"{addr}: host name {addr.host!r} does not resolve") from None
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+
+
+def check_writable(key: str, path: str) -> None:
+    """A log file kushi will append to: its directory exists and the file can be opened
+    for writing (checked when the config is loaded, so ``config check``, start-up and
+    reload all say so in one line)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(directory):
+        raise ConfigError(key, f"{path}: directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise ConfigError(key, f"{path}: {directory} is not a directory")
+    if os.path.isdir(path):
+        raise ConfigError(key, f"{path}: is a directory")
+    target = path if os.path.exists(path) else directory
+    if not os.access(target, os.W_OK):
+        raise ConfigError(key, f"{path}: permission denied")
+
+
+def _check_addresses(config: Config) -> None:
+    """Two listeners (or the admin listener) on one address: ``serve`` could not bind
+    both, so the config is refused here. A wildcard address overlaps every address of
+    its family on the same port; port 0 (any free port) never collides."""
+    seen: list[tuple[str, Address]] = []
+    owners = [(f"listener {c.name}: listen", a) for c in config.listeners for a in c.listen]
+    owners += [("admin_listen", a) for a in config.admin_listen]
+    for key, addr in owners:
+        for other_key, other in seen:
+            if addr.port and addr.port == other.port and _overlap(addr.host, other.host):
+                where = "this listener" if key == other_key else other_key.rsplit(":", 1)[0]
+                raise ConfigError(key, f"{addr} overlaps {other} of {where}")
+        seen.append((key, addr))
+
+
+def _overlap(a: str, b: str) -> bool:
+    ia, ib = _ip(a), _ip(b)
+    if ia is None or ib is None:
+        return a.lower() == b.lower()
+    if ia.version != ib.version:
+        return False
+    return ia == ib or ia.is_unspecified or ib.is_unspecified
 
 
 def _is_loopback(host: str) -> bool:
@@ -417,6 +528,13 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            "config",
+            f"{path}: line {line}: byte 0x{exc.object[exc.start]:02x} is not UTF-8 "
+            "(TOML files are UTF-8)",
+        ) from None
 
 
 def load_config(
@@ -486,6 +604,8 @@ def load_config(
                 raise ConfigError(f"{table_name}.{key}", "unknown key")
             integer = known[key].type in ("int", int)
             number = _number(f"{table_name}.{key}", value, integer=integer, minimum=0)
+            if number == 0 and key not in ZERO_ALLOWED:
+                raise ConfigError(f"{table_name}.{key}", f"must be more than 0, got {value!r}")
             values[key] = int(number) if integer else float(number)
         for key, value in overrides.items():
             if key.startswith(f"{table_name}.") and key.split(".", 1)[1] in known:
@@ -493,7 +613,24 @@ def load_config(
         config = replace(config, **{table_name: cls(**values)})
     if config.admin_listen:
         _check_admin(config)
-    return config
+    _check_addresses(config)
+    return replace(config, warnings=_warnings(config))
+
+
+#: Keys of [timeouts] and [limits] for which 0 means something (no pool, connect all
+#: addresses at once, no grace); every other 0 would refuse or time out every request.
+ZERO_ALLOWED = frozenset({"upstream_pool_size", "happy_eyeballs_delay", "shutdown_grace"})
+
+
+def _warnings(config: Config) -> tuple[str, ...]:
+    out = []
+    cores = os.cpu_count() or 1
+    if config.workers > 4 * cores:
+        out.append(
+            f"workers: {config.workers} worker processes on {cores} cores; "
+            "more than one per core only adds memory and context switches"
+        )
+    return tuple(out)
 
 
 def _global_value(key: str, value: Any) -> Any:

@@ -179,6 +179,13 @@ class ResponseTimeout(UpstreamError):
     error_type = "http_response_timeout"
 
 
+class ConnectionReadTimeout(UpstreamError):
+    """The upstream sent nothing of the response body for ``timeouts.response_body_idle``."""
+
+    status = 504
+    error_type = "connection_read_timeout"
+
+
 class ConnectionTerminated(UpstreamError):
     error_type = "connection_terminated"
 

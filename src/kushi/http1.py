@@ -735,6 +735,20 @@ def body_reader(framing: Framing, error: type[KushiError]) -> BodyReader:
     return ContentLengthReader(framing.length if framing.kind == "length" else 0)
 
 
+def check_buffered_body(framing: Framing, buf: bytearray) -> None:
+    """Decode the body bytes already received (on a copy) and raise the framing error they
+    hold, if any, so a request whose chunking is already known to be bad is refused
+    before its head goes upstream (a later error closes the upstream connection)."""
+    if framing.kind != "chunked" or not buf:
+        return
+    reader = ChunkedReader(RequestError)
+    copy = bytearray(buf)
+    while copy:
+        event = reader.read(copy)
+        if event is None or isinstance(event, EndOfMessage):
+            return
+
+
 # --- serialising -------------------------------------------------------------------------
 
 

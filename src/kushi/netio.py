@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -33,6 +34,9 @@ class Conn(asyncio.Protocol):
         self.at_eof = False
         self.bytes_in = 0
         self.bytes_out = 0
+        #: Wall-clock time the last byte arrived into an empty ``buf``: the first byte of
+        #: the next request on a kept-alive connection (its duration starts there).
+        self.filled_at = 0.0
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self._on_connect = on_connect
@@ -41,6 +45,9 @@ class Conn(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._lost = False
+        self._tls = False
+        #: The peer reset the connection (or it failed), as opposed to a close.
+        self.reset = False
         self._closed: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The read deadline: one lazily re-armed timer per connection (see _wait_data).
@@ -69,6 +76,8 @@ class Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if not self.buf:
+            self.filled_at = time.time()
         self.buf += data
         if len(self.buf) > READ_HIGH and not self._read_paused and self.transport is not None:
             self._read_paused = True
@@ -78,11 +87,15 @@ class Conn(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.at_eof = True
         self._wake()
-        return True  # keep the transport open: the other direction may still be writing
+        # Keep the transport open: the other direction may still be writing. (A TLS
+        # transport cannot half-close; asyncio warns when asked to, so it is not asked.)
+        return not self._tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.at_eof = True
         self._lost = True
+        if exc is not None:
+            self.reset = True
         self._wake()
         if self._timer is not None:
             self._timer.cancel()
@@ -126,6 +139,10 @@ class Conn(asyncio.Protocol):
         if self._read_paused and self.transport is not None and len(self.buf) < READ_HIGH:
             self._read_paused = False
             self.transport.resume_reading()
+        if self._waiter is not None:
+            # One reader at a time: a second one would take the first one's wake-up and
+            # leave it waiting forever.
+            raise RuntimeError(f"{self!r}: another task is already reading")
         loop = self.loop
         waiter = loop.create_future()
         self._waiter = waiter
@@ -168,13 +185,13 @@ class Conn(asyncio.Protocol):
             await self._wait_data(deadline)
         return True
 
-    async def read_some(self, size: int = READ_SIZE) -> bytes:
+    async def read_some(self, size: int = READ_SIZE, deadline: float | None = None) -> bytes:
         """Buffered bytes first, else the next bytes to arrive (at most ``size``); b"" at
-        the end of the stream."""
+        the end of the stream; ``TimeoutError`` if none came by ``deadline``."""
         while not self.buf:
             if self.at_eof:
                 return b""
-            await self._wait_data()
+            await self._wait_data(deadline)
         if len(self.buf) <= size:
             data = bytes(self.buf)
             self.buf.clear()
@@ -254,6 +271,7 @@ class Conn(asyncio.Protocol):
             ssl_handshake_timeout=ssl_handshake_timeout,
         )
         self.transport = cast(asyncio.Transport, transport)
+        self._tls = True
 
 
 async def serve_socket(

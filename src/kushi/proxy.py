@@ -23,6 +23,7 @@ from kushi.accesslog import AccessRecord
 from kushi.acl import client_address
 from kushi.connector import Upstream, describe_fallbacks
 from kushi.errors import (
+    ConnectionReadTimeout,
     ConnectionRefused,
     ConnectionTerminated,
     ConnectionTimeout,
@@ -95,22 +96,27 @@ async def read_head(
             return None
 
 
-async def next_body_event(conn: Conn, reader: http1.BodyReader) -> http1.BodyEvent | None:
-    """The next body event, or None when ``conn`` ended first. Large reads go straight through."""
+async def next_body_event(
+    conn: Conn, reader: http1.BodyReader, idle: float | None = None
+) -> http1.BodyEvent | None:
+    """The next body event, or None when ``conn`` ended first. Large reads go straight
+    through. ``TimeoutError`` when no byte arrived for ``idle`` seconds (the body's idle
+    deadline: it restarts with every byte)."""
     while True:
+        deadline = conn.loop.time() + idle if idle else None
         if not conn.buf and isinstance(reader, http1.ContentLengthReader) and reader.remaining:
-            data = await conn.read_some(min(reader.remaining, READ_SIZE))
+            data = await conn.read_some(min(reader.remaining, READ_SIZE), deadline)
             if not data:
                 return None
             reader.remaining -= len(data)
             return Data(data)
         if not conn.buf and isinstance(reader, http1.UntilCloseReader):
-            data = await conn.read_some(READ_SIZE)
+            data = await conn.read_some(READ_SIZE, deadline)
             return Data(data) if data else None
         event = reader.read(conn.buf)
         if event is not None:
             return event
-        if not await conn.fill():
+        if not await conn.fill(deadline=deadline):
             return None
 
 
@@ -150,14 +156,19 @@ class HttpSession:
 
     async def _run(self) -> None:
         first = True
-        limits = self.config.limits
-        timeouts = self.config.timeouts
         while True:
+            # Limits and timeouts for reading the next head: those in force now (a reload
+            # applies to the next request of a kept-alive connection).
+            self.config = self.get_state().config
+            limits = self.config.limits
+            timeouts = self.config.timeouts
             timeout = timeouts.header_read if first or self.client.buf else timeouts.idle
             started = time.time()
+            waiting = not self.client.buf
             if self.services.stopping and not self.client.buf:
                 return
             consumed_before = self.client.bytes_in - len(self.client.buf)
+            sent_before = self.client.bytes_out
             self.services.idle.add(self)
             try:
                 head_bytes = await read_head(
@@ -169,18 +180,32 @@ class HttpSession:
             except TimeoutError:
                 if self.client.buf:
                     await self._fail_early(
-                        RequestTimeout("request head not received in time"), started
+                        RequestTimeout(
+                            f"request head not complete within {timeout:g} s "
+                            + ("(timeouts.header_read)" if first else "(timeouts.idle)")
+                        ),
+                        max(started, self.client.filled_at) if waiting else started,
                     )
                 return
             except KushiError as exc:
-                await self._fail_early(exc, started)
+                await self._fail_early(
+                    exc, max(started, self.client.filled_at) if waiting else started
+                )
                 return
             finally:
                 self.services.idle.discard(self)
             if head_bytes is None:
                 return
+            if waiting:
+                # The request began with its first byte, not when the (keep-alive) wait
+                # for it did: Squid's duration.
+                started = max(started, self.client.filled_at)
             first = False
+            # The request's snapshot of the runtime (ACL, egress, limits, timeouts, log),
+            # taken once when its head is complete and used throughout.
             state = self.get_state()
+            self.config = state.config
+            state.hold()
             record = AccessRecord(
                 time=started, listener=self.listener, mode=state.cfg.mode, client=self.info.address
             )
@@ -196,6 +221,12 @@ class HttpSession:
             except ClientGone:
                 keep = False
                 record.error = record.error or "client_closed"
+                record.aborted = True
+            except asyncio.CancelledError:
+                # Shutdown's grace ran out while this request or tunnel was in flight.
+                record.error = record.error or "shutdown"
+                record.aborted = True
+                raise
             except Exception as exc:  # never a traceback to the client
                 log.exception("internal error handling %s", record.target)
                 keep = await self._answer_error(
@@ -205,8 +236,15 @@ class HttpSession:
                 self._release_upstream(False)
                 # What this request took from the client: its head, body or tunnel bytes.
                 record.bytes_in = self.client.bytes_in - len(self.client.buf) - consumed_before
+                if record.aborted or (record.error and record.status == 200):
+                    # Cut short: what really left for the client (not what was queued).
+                    record.aborted = True
+                    record.bytes_out = (
+                        self.client.bytes_out - sent_before - self.client.write_buffer_size()
+                    )
                 record.duration = time.time() - started
                 self.services.record(state, record)
+                state.release()
             if not keep or self.client.closed:
                 return
 
@@ -393,6 +431,9 @@ class HttpSession:
         elif req.method in (b"POST", b"PUT", b"PATCH"):
             headers.append((b"Content-Length", b"0"))
         head = http1.serialize_request_head(req.method, route.path, headers)
+        # Body bytes already here are validated first: a request whose chunking is already
+        # known to be bad never reaches the origin.
+        http1.check_buffered_body(req.framing, self.client.buf)
 
         for attempt in range(2):
             upstream, reused = await self.open_upstream(route, state)
@@ -445,12 +486,22 @@ class HttpSession:
     ) -> ResponseHead:
         """Wait for the response head while the body streams; a body that fails (bad
         chunking, client gone) ends the exchange at once and the upstream is dropped."""
+        # The response head may come early (a 413 while the upload runs); its deadline,
+        # ``upstream_header``, starts only when the request body is complete.
         head_task = asyncio.ensure_future(
-            self.read_response_head(req, upstream, record, expect_reuse=False)
+            self.read_response_head(req, upstream, record, expect_reuse=False, timeout=None)
         )
         pending: set[asyncio.Future[Any]] = {body_task, head_task}
         try:
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not head_task.done() and body_task.done() and body_task.exception() is None:
+                await asyncio.wait({head_task}, timeout=self.config.timeouts.upstream_header)
+                if not head_task.done():
+                    head_task.cancel()
+                    await asyncio.gather(head_task, return_exceptions=True)
+                    upstream.conn.abort()
+                    self.upstream = None
+                    raise self._response_timeout(upstream)
         except asyncio.CancelledError:
             head_task.cancel()
             raise
@@ -474,7 +525,7 @@ class HttpSession:
         chunked = req.framing.kind == "chunked"
         conn = upstream.conn
         while True:
-            event = await next_body_event(self.client, reader)
+            event = await self._client_body_event(reader)
             if event is None:
                 # The client left mid-upload: the upstream must not take a partial body.
                 conn.abort()
@@ -497,12 +548,39 @@ class HttpSession:
             self._body_done = True
             return
 
+    async def _client_body_event(self, reader: http1.BodyReader) -> http1.BodyEvent | None:
+        """The next piece of the request body, under the ``request_body_idle`` deadline."""
+        idle = self.config.timeouts.request_body_idle
+        try:
+            return await next_body_event(self.client, reader, idle)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no byte of the request body for {idle:g} s (timeouts.request_body_idle)"
+            ) from None
+
+    def _response_timeout(self, upstream: Upstream) -> ResponseTimeout:
+        return ResponseTimeout(
+            f"upstream {upstream.next_hop} sent no response head within "
+            f"{self.config.timeouts.upstream_header:g} s (timeouts.upstream_header)"
+        )
+
     async def read_response_head(
-        self, req: RequestHead, upstream: Upstream, record: AccessRecord, *, expect_reuse: bool
+        self,
+        req: RequestHead,
+        upstream: Upstream,
+        record: AccessRecord,
+        *,
+        expect_reuse: bool,
+        timeout: float | None = -1.0,
     ) -> ResponseHead:
+        """The final response head; interim 1xx heads go on to the client. ``timeout``:
+        seconds from now (by default ``upstream_header``), or None for no deadline (the
+        caller keeps it)."""
         limits = self.config.limits
         conn = upstream.conn
-        deadline = self.loop.time() + self.config.timeouts.upstream_header
+        if timeout is not None and timeout < 0:
+            timeout = self.config.timeouts.upstream_header
+        deadline = self.loop.time() + timeout if timeout is not None else None
         try:
             while True:
                 before = conn.bytes_in
@@ -533,10 +611,7 @@ class HttpSession:
                     self.client.write(data)
                     await self._client_drain()
         except TimeoutError:
-            raise ResponseTimeout(
-                f"upstream {upstream.next_hop} sent no response head within "
-                f"{self.config.timeouts.upstream_header:g} s"
-            ) from None
+            raise self._response_timeout(upstream) from None
 
     async def _client_drain(self) -> None:
         try:
@@ -587,8 +662,11 @@ class HttpSession:
             await self._client_drain()
             upstream.conn.buf, pending = bytearray(), bytes(upstream.conn.buf)
             if pending:
+                # The upstream's first bytes after its 101 came with the head: they are
+                # part of what the tunnel carried to the client.
                 self.client.write(pending)
-            _up, down = await self.services.relay(self.client, upstream.conn)
+                record.bytes_out += len(pending)
+            _up, down = await self.services.relay(self.client, upstream.conn, record)
             record.bytes_out += down
             upstream.conn.close()
             self.upstream = None
@@ -608,6 +686,11 @@ class HttpSession:
         elif client_11:
             out_framing = "chunked"
             headers.append((b"Transfer-Encoding", b"chunked"))
+            # The trailer section goes on (below), so does the field announcing it
+            # (RFC 9110 section 6.6.2); with any other framing the trailers are dropped.
+            announced = resp.get_all(b"trailer")
+            if announced:
+                headers.append((b"Trailer", b", ".join(announced)))
         else:
             out_framing = "close"
 
@@ -630,9 +713,16 @@ class HttpSession:
             self.client.write(head)
 
         reader = http1.body_reader(resp.framing, UpstreamError)
+        idle = self.config.timeouts.response_body_idle
         if framing != "none":
             while True:
-                event = await next_body_event(upstream.conn, reader)
+                try:
+                    event = await next_body_event(upstream.conn, reader, idle)
+                except TimeoutError:
+                    raise ConnectionReadTimeout(
+                        f"upstream {upstream.next_hop} sent no byte of the response body for "
+                        f"{idle:g} s (timeouts.response_body_idle)"
+                    ) from None
                 if event is None:
                     event = reader.eof()  # raises ResponseIncomplete if the body was cut short
                 if isinstance(event, Data):
@@ -698,7 +788,7 @@ class HttpSession:
         except ClientGone:
             upstream.conn.abort()
             raise
-        _up, down = await self.services.relay(self.client, upstream.conn)
+        _up, down = await self.services.relay(self.client, upstream.conn, record)
         record.bytes_out += down
         upstream.conn.close()
         return False
@@ -762,7 +852,7 @@ class HttpSession:
             return
         reader = http1.body_reader(req.framing, RequestError)
         while True:
-            event = await next_body_event(self.client, reader)
+            event = await self._client_body_event(reader)
             if event is None:
                 raise ClientGone()
             if isinstance(event, EndOfMessage):

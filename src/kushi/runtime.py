@@ -86,8 +86,15 @@ class BackendSet:
 
 
 class ListenerState:
+    """One listener's immutable runtime snapshot: a reload builds a new one, and each
+    request (or tunnel) holds the one it started with until it is logged. The snapshot's
+    access log stays open until its last holder is done."""
+
     def __init__(self, cfg: Listener, config: Config, previous: ListenerState | None = None):
         self.cfg = cfg
+        self.config = config
+        self._holders = 0
+        self._retired = False
         self.allow = AllowList(cfg.allow)
         if previous is not None:
             for name, addrs in previous.allow.resolved.items():
@@ -124,11 +131,27 @@ class ListenerState:
             return "admit"
         return "password"
 
+    def hold(self) -> None:
+        """A request or tunnel starts using this snapshot."""
+        self._holders += 1
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._retired and self._holders <= 0:
+            self.access_log.close()
+
+    def retire(self) -> None:
+        """Replaced by a reload: close the log once the requests still using it are done."""
+        self._retired = True
+        if self._holders <= 0:
+            self.access_log.close()
+
     def close(self) -> None:
         self.access_log.close()
 
 
 RecordHook = Callable[[AccessRecord], None]
+Lifecycle = Literal["running", "draining", "stopped"]
 
 
 class Idle(Protocol):
@@ -148,11 +171,17 @@ class Services:
     )
     hooks: list[RecordHook] = field(default_factory=list)
     started: float = field(default_factory=time.time)
-    #: Set when shutdown begins: sessions finish their request and close.
-    stopping: bool = False
+    #: The process's one lifecycle state: running, then draining (SIGTERM: listeners
+    #: closed, sessions finish their request and close), then stopped.
+    lifecycle: Lifecycle = "running"
     open_tunnels: int = 0
     #: Client connections waiting for their next request head (closed at shutdown).
     idle: set[Idle] = field(default_factory=set)
+
+    @property
+    def stopping(self) -> bool:
+        """Draining or stopped: no new request starts on a kept-alive connection."""
+        return self.lifecycle != "running"
 
     @classmethod
     def build(cls, config: Config, pseudonym: str | None = None) -> Services:
@@ -170,11 +199,15 @@ class Services:
 
     def check_destination(self, addr: IPAddress, port: int) -> str | None:
         """Raise ``LoopDetected`` for one of kushi's own listening sockets (a forwarding
-        loop: RFC 9209 ``proxy_loop_detected``)."""
+        loop: RFC 9209 ``proxy_loop_detected``). An unspecified listener covers the
+        loopback address of its own family only: ``[::]`` is bound IPv6-only (server.bind),
+        so 127.0.0.1 on the same port is another program; ``0.0.0.0`` does not cover ::1."""
         for own, own_port in self.own_addresses:
             if own_port != port:
                 continue
-            if own == addr or (own.is_unspecified and addr.is_loopback):
+            if own == addr or (
+                own.is_unspecified and own.version == addr.version and addr.is_loopback
+            ):
                 raise LoopDetected(f"{addr} port {port} is this kushi's own listening address")
         return None
 
@@ -198,13 +231,18 @@ class Services:
         record.connect_ms = round(upstream.connect_time * 1000, 3)
         return upstream
 
-    async def relay(self, a: Conn, b: Conn) -> tuple[int, int]:
-        """A tunnel (CONNECT, upgrade or TCP mode), counted while open."""
+    async def relay(self, a: Conn, b: Conn, record: AccessRecord | None = None) -> tuple[int, int]:
+        """A tunnel (CONNECT, upgrade or TCP mode), counted while open. A tunnel that
+        ended because either side reset its connection is marked aborted in ``record``
+        (Squid's TCP_TUNNEL_ABORTED); a close from either side is a normal end."""
         self.open_tunnels += 1
         try:
-            return await relay(a, b, self.config.timeouts.tunnel_idle)
+            moved = await relay(a, b, self.config.timeouts.tunnel_idle)
         finally:
             self.open_tunnels -= 1
+        if record is not None and (a.reset or b.reset):
+            record.aborted = True
+        return moved
 
     def record(self, listener: ListenerState, record: AccessRecord) -> None:
         listener.access_log.write(record)

@@ -15,6 +15,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -54,6 +55,9 @@ from kushi.tcpmode import serve_tcp
 log = logging.getLogger("kushi")
 #: Stop (TERM, INT) and reload (HUP): relayed to every worker.
 CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+#: The supervisor gives up after this many worker exits within FAST_FAILURE_WINDOW s.
+FAST_FAILURES = 5
+FAST_FAILURE_WINDOW = 10.0
 
 
 class StartupError(Exception):
@@ -67,9 +71,12 @@ def bind(addr: Address, backlog: int = 1024) -> socket.socket:
             addr.host, addr.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
         )
     except socket.gaierror:
-        infos = socket.getaddrinfo(
-            addr.host, addr.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
+        try:
+            infos = socket.getaddrinfo(
+                addr.host, addr.port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+        except (socket.gaierror, UnicodeError):
+            raise StartupError(f"cannot listen on {addr}: host name does not resolve") from None
     fam, _, _, _, sockaddr = infos[0]
     sock = socket.socket(fam, socket.SOCK_STREAM)
     try:
@@ -90,6 +97,14 @@ def bind(addr: Address, backlog: int = 1024) -> socket.socket:
             raise StartupError(f"cannot listen on {addr}: permission denied") from None
         raise StartupError(f"cannot listen on {addr}: {exc.strerror}") from None
     return sock
+
+
+def close_listening(sockets: dict[str, list[socket.socket]]) -> None:
+    """Close this process's copies of the listening sockets (the kernel stops accepting
+    once every process holding one has closed it)."""
+    for socks in sockets.values():
+        for sock in socks:
+            sock.close()
 
 
 def bind_all(config: Config) -> dict[str, list[socket.socket]]:
@@ -150,7 +165,8 @@ class Server:
         self.connections: set[asyncio.Task[None]] = set()
         self.per_client: Counter[str] = Counter()
         self.background: list[asyncio.Task[None]] = []
-        self.stopping = asyncio.Event()
+        #: Allow-list refreshes started by reloads, while they run.
+        self.refreshes: set[asyncio.Future[None]] = set()
         self.reloads = 0
         self.on_reload: list[Callable[[Config], None]] = []
 
@@ -211,7 +227,11 @@ class Server:
                             ),
                         )
                         return
-                    await serve_tcp(self.services, state, client, info, name)
+                    state.hold()  # the tunnel keeps the snapshot it started with
+                    try:
+                        await serve_tcp(self.services, state, client, info, name)
+                    finally:
+                        state.release()
                 elif state.cfg.mode == "socks":
                     await serve_socks(self.services, name, lambda: self.states[name], client, info)
                 else:
@@ -350,15 +370,26 @@ class Server:
         new_listen = {c.name: c.listen for c in new.listeners}
         if old_listen != new_listen:
             log.warning("reload: listener addresses changed; restart kushi to apply that part")
+        fresh: dict[str, ListenerState] = {}
+        try:
+            for cfg in new.listeners:
+                if cfg.name in self.states and cfg.listen == self.states[cfg.name].cfg.listen:
+                    fresh[cfg.name] = ListenerState(cfg, new, previous=self.states[cfg.name])
+        except ConfigError as exc:
+            for state in fresh.values():
+                state.close()
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
         for cfg in new.listeners:
-            if cfg.name in self.states and cfg.listen == self.states[cfg.name].cfg.listen:
+            if cfg.name in fresh:
                 old = self.states[cfg.name]
-                state = self.states[cfg.name] = ListenerState(cfg, new, previous=old)
-                old.close()
+                state = self.states[cfg.name] = fresh[cfg.name]
+                old.retire()
                 if state.allow.names:
-                    self.background.append(
-                        asyncio.ensure_future(state.allow.refresh(self.services.resolver))
-                    )
+                    # Held until done, then dropped: nothing accumulates per reload.
+                    task = asyncio.ensure_future(state.allow.refresh(self.services.resolver))
+                    self.refreshes.add(task)
+                    task.add_done_callback(self.refreshes.discard)
         self.config = replace(new, listeners=tuple(self.states[n].cfg for n in self.states))
         self.services.config = self.config
         self.reloads += 1
@@ -368,9 +399,12 @@ class Server:
         return True
 
     async def shutdown(self) -> None:
+        # Listening stops first, so new clients are refused at once instead of waiting in
+        # the accept queue of a process that will not accept them (nginx, Squid).
         for server in self.servers:
             server.close()
-        self.services.stopping = True
+        close_listening(self.sockets)
+        self.services.lifecycle = "draining"
         for session in list(self.services.idle):
             session.close_idle()
         grace = self.config.timeouts.shutdown_grace
@@ -380,15 +414,22 @@ class Server:
             )
             # Idle keep-alive connections end at once; requests in flight finish.
             await asyncio.wait(set(self.connections), timeout=grace)
+        dropped = len(self.connections)
+        if dropped:
+            # Each one is logged as aborted, with the bytes that really passed.
+            log.warning(
+                "shutdown grace of %g s over: dropping %d connections still open", grace, dropped
+            )
         for task in list(self.connections):
             task.cancel()
         if self.connections:
             await asyncio.wait(set(self.connections), timeout=2)
-        for task in self.background:
-            task.cancel()
+        for job in [*self.background, *self.refreshes]:
+            job.cancel()
         self.services.pool.close()
         for state in self.states.values():
             state.close()
+        self.services.lifecycle = "stopped"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -456,6 +497,7 @@ async def run_server(
     await stop.wait()
     log.info("stopping: no new connections")
     await server.shutdown()
+    log.info("stopped")
     return 0
 
 
@@ -523,6 +565,13 @@ def _supervise(
                         worker_start,
                     )
                 )
+            except ConfigError as exc:
+                log.error("worker %d cannot start: %s", index, exc)
+                code = 2
+            except StartupError as exc:
+                log.error("worker %d cannot start: %s", index, exc)
+            except BaseException:
+                log.exception("worker %d failed", index)
             finally:
                 os._exit(code)
         children[pid] = index
@@ -534,6 +583,9 @@ def _supervise(
         nonlocal stopping
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            # No worker will be started again: the supervisor's copies of the listening
+            # sockets must not keep accepting clients that nobody serves.
+            close_listening(sockets)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
@@ -546,9 +598,10 @@ def _supervise(
     # A stop or reload that came while the workers started is relayed to them now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     status = 0
+    failures: collections.deque[float] = collections.deque(maxlen=FAST_FAILURES)
     while children:
         try:
-            pid, code = os.wait()
+            pid, wait_status = os.wait()
         except ChildProcessError:
             break
         except InterruptedError:  # pragma: no cover
@@ -556,12 +609,34 @@ def _supervise(
         index = children.pop(pid, None)
         if index is None:
             continue
-        if not stopping and index is not None:
-            log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
-            time.sleep(0.5)
-            spawn(index)
-        elif os.waitstatus_to_exitcode(code) != 0:
-            status = 1
+        code = os.waitstatus_to_exitcode(wait_status)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+        if stopping:
+            if code != 0:
+                status = 1
+            continue
+        failures.append(time.monotonic())
+        if len(failures) == FAST_FAILURES and failures[-1] - failures[0] < FAST_FAILURE_WINDOW:
+            # A worker that cannot stay up will not start the next time either: give up
+            # with its reason (its own log line above) instead of a restart loop that
+            # systemd's Restart=on-failure would never see.
+            log.error(
+                "worker %d %s; %d worker failures in %g s: stopping kushi",
+                index,
+                how,
+                FAST_FAILURES,
+                FAST_FAILURE_WINDOW,
+            )
+            stopping = True
+            status = code if code > 0 else 1
+            for other in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(other, signal.SIGTERM)
+            continue
+        log.error("worker %d (pid %d) %s; starting a new one", index, pid, how)
+        time.sleep(0.5)
+        spawn(index)
+    log.info("stopped")
     return status
 
 

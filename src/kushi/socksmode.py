@@ -94,6 +94,7 @@ class SocksSession:
     async def run(self) -> None:
         record = self.record
         udp: UdpAssociation | None = None
+        self.state.hold()  # the session keeps the snapshot it started with (reload)
         try:
             request = await self.handshake()
             if request is None:
@@ -120,6 +121,7 @@ class SocksSession:
             if record.method != "SOCKS5" or record.error:
                 record.duration = time.time() - record.time
                 self.services.record(self.state, record)
+            self.state.release()
 
     # --- the handshake ---------------------------------------------------------------------
 
@@ -215,7 +217,7 @@ class SocksSession:
             upstream.conn.abort()
             raise
         record.status = 200
-        await self.services.relay(self.client, upstream.conn)
+        await self.services.relay(self.client, upstream.conn, record)
         upstream.conn.close()
 
 

@@ -9,6 +9,7 @@ duration).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -62,8 +63,14 @@ async def serve_tcp(
                 )
             )
         record.status = 200
-        up, down = await services.relay(client, upstream.conn)
-        record.bytes_in, record.bytes_out = up, down
+        try:
+            record.bytes_in, record.bytes_out = await services.relay(client, upstream.conn, record)
+        except asyncio.CancelledError:
+            # Shutdown's grace ran out: log the bytes that really passed, as aborted.
+            record.error, record.aborted = "shutdown", True
+            record.bytes_in = client.bytes_in
+            record.bytes_out = client.bytes_out - client.write_buffer_size()
+            raise
         upstream.conn.close()
     except KushiError as exc:
         record.status = exc.status

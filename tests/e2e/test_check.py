@@ -219,6 +219,8 @@ def kushi_check(ns: Any, *args: str) -> tuple[int, str, str]:
 def check_json(ns: Any, *args: str) -> tuple[int, dict[str, Any]]:
     code, out, err = kushi_check(ns, "--json", *args)
     assert out, err
+    # Not a stray line on stderr (no asyncio warning from a TLS stream, no traceback).
+    assert err == "", err
     report = json.loads(out)
     assert report["schema"] == "kushi-check/1"
     assert report["ok"] is (code == 0)
@@ -527,9 +529,12 @@ def test_via_a_kushi_from_the_ipv4_only_client(
 
         # Text output says which way each leg went; an IPv4 leg is direct (here v6.test has
         # no A record, so it fails at once instead of waiting for the unroutable network).
-        code, out, _ = kushi_check(
+        code, out, err = kushi_check(
             t.client, "--via", via, "--ca-file", sites["ca"], "https://v6.test/"
         )
+        # Nothing on stderr but the report's own lines: no asyncio warning about the
+        # TLS stream inside the tunnel.
+        assert err == "", err
         lines = out.splitlines()
         assert lines[3].startswith(f"  IPv6   FAIL  via {via}  next hop [{t.v6origin_ip}]:443")
         assert lines[5] == "  IPv4   FAIL  direct  v6.test has no A record"

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -238,3 +239,31 @@ def test_connect_half_close_client_still_gets_the_full_answer(setup: Setup) -> N
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert json.loads(payload) == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_a_tunnel_reset_by_the_client_is_logged_aborted(tmp_path: Path) -> None:
+    """The client resets its CONNECT tunnel in the middle of a download: the record is
+    TCP_TUNNEL_ABORTED/200 (Squid's tag) with the bytes that passed, logged at once."""
+    origin = spawn_origin(["[::1]:0"], tmp_path / "origin.jsonl")
+    port = free_port()
+    kushi = Kushi(
+        ["serve", "--listen", f"127.0.0.1:{port}", "--connect-ports", str(origin.port)],
+        tmp_path,
+    )
+    try:
+        kushi.wait_ready()
+        n = 256 * 1024 * 1024
+        with Raw(port) as c:
+            assert c.connect(f"[::1]:{origin.port}")[0] == 200
+            c.sock.sendall(f"GET /bytes/{n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            c.rfile.read(1 << 20)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        deadline = time.monotonic() + 5
+        while not (lines := [x for x in kushi.log_lines() if " CONNECT " in x]):
+            assert time.monotonic() < deadline, "no record 5 s after the reset"
+            time.sleep(0.02)
+        fields = lines[0].split()
+        assert fields[3] == "TCP_TUNNEL_ABORTED/200" and 1 << 20 < int(fields[4]) < n, fields
+    finally:
+        assert kushi.stop() == 0, kushi.stderr[-2000:]
+        origin.stop()

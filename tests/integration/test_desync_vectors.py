@@ -1,5 +1,6 @@
-"""kushi against the HTTP request desync corpus (shared/desync-vectors, from
-aws/http-desync-guardian): every one of its cases, in forward and in reverse mode.
+"""kushi against the HTTP request desync corpus (tests/data/desync-vectors, from
+aws/http-desync-guardian, Apache-2.0: LICENSE and NOTICE beside the YAML files): every one
+of its cases, in forward and in reverse mode.
 
 Each case is built into raw request bytes exactly as the YAML gives them: the request line
 ``METHOD SP URI SP VERSION``, then the headers in order, byte for byte (a value that begins
@@ -19,7 +20,7 @@ origin. Both listeners belong to one kushi process started once for the module. 
 (``support.raw_origin``) records every byte it receives per connection, so "nothing reached
 upstream" and "what upstream got was normalised" are checked on the bytes themselves.
 
-The rule (shared/desync-vectors/README.md):
+The rule (tests/data/desync-vectors/README.md):
 
 * Severe: 400, ``Connection: close`` and the connection closed; nothing upstream.
 * Ambiguous: refused the same way, or forwarded as a normalised request: one
@@ -53,7 +54,9 @@ import yaml
 from support.kushi_proc import Kushi, free_port, write_toml
 from support.raw_origin import RESPONSE_MARKER, RawOrigin, exchange
 
-VECTORS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "desync-vectors"
+VECTORS_DIR = Path(__file__).resolve().parents[1] / "data" / "desync-vectors"
+#: The corpus as copied from http-desync-guardian: a clone that lacks a file fails loudly.
+CORPUS_SIZE = 158
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,8 +112,12 @@ class Vector:
 
 
 def load_vectors(directory: Path = VECTORS_DIR) -> list[Vector]:
+    """Every case of the corpus; an absent or empty corpus is an error, never a skip."""
+    paths = sorted(directory.glob("*.yaml"))
+    if not paths:
+        raise FileNotFoundError(f"desync corpus missing: no *.yaml in {directory}")
     vectors = []
-    for path in sorted(directory.glob("*.yaml")):
+    for path in paths:
         for case in yaml.safe_load(path.read_text(encoding="utf-8")) or []:
             headers = tuple((str(h["name"]), str(h["value"])) for h in (case.get("headers") or []))
             vectors.append(
@@ -328,12 +335,6 @@ def _ids(vectors: list[Vector]) -> list[str]:
 
 
 def _params() -> list[Any]:
-    if not VECTORS_DIR.is_dir():
-        return [
-            pytest.param(
-                None, None, None, marks=pytest.mark.skip(reason=f"{VECTORS_DIR} is missing")
-            )
-        ]
     vectors = load_vectors()
     params = []
     for mode in ("forward", "reverse"):
@@ -348,19 +349,28 @@ def _params() -> list[Any]:
 
 
 def test_corpus_is_complete() -> None:
-    if not VECTORS_DIR.is_dir():
-        pytest.skip(f"{VECTORS_DIR} is missing")
+    """The corpus is in the repository, whole, with its licence, and every case has a
+    unique test id."""
     vectors = load_vectors()
-    assert len(vectors) == 158
-    assert len({v.key for v in vectors}) == 158
-    # Every table entry names a real case of the tier it is meant for.
-    tiers = {v.key: v.tier for v in vectors}
-    assert all(tiers[key] in ("Acceptable", "Ambiguous") for key in FORWARDED)
-    assert all(tiers[key] in ("Severe", "Compliant") for key in DEVIATIONS)
-    assert all(tiers[key] == "Ambiguous" for key in KNOWN_BUGS)
-    assert all((name, method) in tiers for name, method, _ in BY_MODE)
+    assert len(vectors) == CORPUS_SIZE
+    assert len({v.key for v in vectors}) == CORPUS_SIZE
+    assert {v.tier for v in vectors} == {"Compliant", "Acceptable", "Ambiguous", "Severe"}
+    assert "Apache License" in (VECTORS_DIR / "LICENSE").read_text(encoding="utf-8")
+    assert (VECTORS_DIR / "NOTICE").is_file()
     ids = _ids(vectors)
     assert len(set(ids)) == len(ids)
+
+
+def test_outcome_tables_name_real_cases() -> None:
+    """Each entry of FORWARDED, DEVIATIONS, KNOWN_BUGS and BY_MODE names a case of the
+    corpus in the tier the table is for (a renamed case would silently change outcome)."""
+    tiers = {v.key: v.tier for v in load_vectors()}
+    expected = [(key, ("Acceptable", "Ambiguous")) for key in FORWARDED]
+    expected += [(key, ("Severe", "Compliant")) for key in DEVIATIONS]
+    expected += [(key, ("Ambiguous",)) for key in KNOWN_BUGS]
+    expected += [((name, method), tuple(set(tiers.values()))) for name, method, _ in BY_MODE]
+    wrong = [(key, tiers.get(key)) for key, allowed in expected if tiers.get(key) not in allowed]
+    assert wrong == []
 
 
 @pytest.mark.parametrize("mode, vector, outcome", _params())

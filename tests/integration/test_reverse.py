@@ -162,6 +162,42 @@ def test_cli_reverse_quick_form(kushi_factory: KushiFactory, origin_factory: Ori
     assert len(origin.requests()) == 1
 
 
+def test_readme_reverse_and_tcp_examples_on_the_same_port(
+    kushi_factory: KushiFactory, origin_factory: OriginFactory
+) -> None:
+    """The README's ``kushi reverse --listen [::]:8080 --backend http://127.0.0.1:8080``:
+    an IPv6-only ``[::]`` listener does not cover 127.0.0.1 on its port, so the backend on
+    the same port number is not a loop (it was answered 502 proxy_loop_detected). The tcp
+    example likewise; a backend that really is kushi's own address stays a loop."""
+    origin = origin_factory(["127.0.0.1:0"])
+    port = origin.port
+    kushi_factory(["reverse", "--listen", f"[::]:{port}", "--backend", f"http://127.0.0.1:{port}"])
+    status, headers, body = curl(f"http://[::1]:{port}/1k")
+    assert status == 200 and body == ONE_K, headers
+    assert f'next-hop="127.0.0.1:{port}"' in headers["proxy-status"]
+
+    # kushi tcp --listen [::]:443 --backend 127.0.0.1:443 --backend-proxy-protocol 2
+    tcp_origin = origin_factory(["127.0.0.1:0"], proxy_protocol=True)
+    tport = tcp_origin.port
+    kushi_factory(
+        ["tcp", "--listen", f"[::]:{tport}", "--backend", f"127.0.0.1:{tport}"]
+        + ["--backend-proxy-protocol", "2"]
+    )
+    status, _, body = curl(f"http://[::1]:{tport}/1k")
+    assert status == 200 and body == ONE_K
+    (req,) = tcp_origin.wait_requests(1)
+    assert req["proxy_protocol"]["version"] == 2 and req["proxy_protocol"]["src"] == "::1"
+
+    # 0.0.0.0 covers 127.0.0.1: that backend is kushi itself.
+    loop_port = free_port("127.0.0.1")
+    kushi_factory(
+        ["reverse", "--listen", f"0.0.0.0:{loop_port}"]
+        + ["--backend", f"http://127.0.0.1:{loop_port}", "--allow", "127.0.0.0/8"]
+    )
+    status, headers, _ = curl(f"http://127.0.0.1:{loop_port}/1k")
+    assert status == 502 and "proxy_loop_detected" in headers["proxy-status"]
+
+
 def test_cli_tcp_quick_form(kushi_factory: KushiFactory, origin_factory: OriginFactory) -> None:
     """``kushi tcp --listen [::1]:P --backend 127.0.0.1:B`` relays bytes and logs one record
     per connection."""

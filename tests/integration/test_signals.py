@@ -276,3 +276,76 @@ def test_sigterm_while_starting_is_a_graceful_stop(tmp_path: Path, workers: int)
             kushi.proc.wait()
             raise AssertionError(f"attempt {attempt}: SIGTERM at start-up was ignored") from None
         assert code == 0, kushi.stderr
+
+
+def test_sigterm_with_workers_refuses_new_clients_and_logs_what_the_grace_cut(
+    tmp_path: Path, origin: OriginProcess
+) -> None:
+    """workers = 2, shutdown_grace = 1, a download and a CONNECT tunnel whose client stops
+    reading: new clients are refused as soon as draining starts (the supervisor's copies
+    of the listening sockets were accepting them into a queue nobody served); when the
+    grace is over both transfers are cut and logged as Squid logs them, TCP_MISS_ABORTED/200
+    and TCP_TUNNEL_ABORTED/200 with the bytes that really left, not the full length; one
+    line says how many connections were dropped, and a last one that kushi stopped."""
+    port = free_port()
+    path = tmp_path / "kushi.toml"
+    write_toml(
+        path,
+        {
+            "listen": [f"127.0.0.1:{port}"],
+            "workers": 2,
+            "connect_ports": [origin.port],
+            "allow_destinations": ["::1/128"],
+            "timeouts": {"shutdown_grace": 1},
+        },
+    )
+    kushi = Kushi(["serve", "--config", str(path)], tmp_path, loopback_destinations=False)
+    kushi.wait_ready()
+    n = 256 * 1024 * 1024
+    url = origin.url(f"/bytes/{n}?grace")
+    with Raw(port) as download, Raw(port) as tunnel:
+        download.sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert download.head()[0] == 200
+        got_download = len(download.rfile.read(1 << 20))
+        assert tunnel.connect(f"[::1]:{origin.port}")[0] == 200
+        tunnel.sock.sendall(f"GET /bytes/{n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got_tunnel = len(tunnel.rfile.read(1 << 20))
+
+        kushi.signal(signal.SIGTERM)
+        began = time.monotonic()
+        while not refused(port):
+            assert time.monotonic() - began < 0.9, "kushi still accepts after SIGTERM"
+            time.sleep(0.02)
+        assert kushi.proc.wait(20) == 0
+    lines = kushi.log_lines()
+    (cut,) = [line.split() for line in lines if url in line]
+    (tunnelled,) = [line.split() for line in lines if " CONNECT " in line]
+    assert cut[3] == "TCP_MISS_ABORTED/200" and got_download < int(cut[4]) < n, cut
+    assert tunnelled[3] == "TCP_TUNNEL_ABORTED/200" and got_tunnel < int(tunnelled[4]) < n
+    stderr = kushi.stderr.splitlines()
+    dropped = [line for line in stderr if "shutdown grace of 1 s over" in line]
+    assert [line.split("over: ")[1] for line in dropped] in (
+        ["dropping 2 connections still open"],
+        ["dropping 1 connections still open"] * 2,  # one in each worker
+    ), dropped
+    assert stderr[-1].endswith("INFO stopped"), stderr[-3:]
+
+
+def test_a_client_that_leaves_mid_download_is_logged_aborted(
+    running: Running, origin: OriginProcess
+) -> None:
+    """The client closes after 1 MiB of 64: the JSON record says ``aborted`` with the
+    bytes that left kushi, far fewer than the length."""
+    n = 64 * 1024 * 1024
+    url = origin.url(f"/bytes/{n}?leaves")
+    with Raw(running.port) as c:
+        c.sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert c.head()[0] == 200
+        c.rfile.read(1 << 20)
+    deadline = time.monotonic() + 10
+    while not (records := [r for r in running.kushi.json_records() if r["target"] == url]):
+        assert time.monotonic() < deadline, running.kushi.log_lines()[-3:]
+        time.sleep(0.05)
+    (record,) = records
+    assert (record["status"], record["aborted"], record["error"]) == (200, True, "client_closed")
+    assert 1 << 20 < record["bytes_out"] < n // 2, record

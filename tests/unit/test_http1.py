@@ -986,3 +986,17 @@ def test_split_authority_caches_only_short_authorities() -> None:
     assert http1._split_authority_cached.cache_info().currsize == before
     assert http1.split_authority(b"[2001:db8::1]:443") == ("2001:db8::1", 443)
     assert http1._split_authority_cached.cache_info().currsize <= before + 1
+
+
+def test_buffered_chunked_body_is_checked_before_forwarding() -> None:
+    chunked = http1.Framing("chunked")
+    # Valid so far (a chunk in progress), or complete: nothing raised, the buffer untouched.
+    buf = bytearray(b"5\r\nhel")
+    http1.check_buffered_body(chunked, buf)
+    assert buf == b"5\r\nhel"
+    http1.check_buffered_body(chunked, bytearray(b"5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n"))
+    for bad in (b"zz\r\n", b"5\r\nhelloX\r\n", b"5;\nx"):
+        with pytest.raises(RequestError):
+            http1.check_buffered_body(chunked, bytearray(bad))
+    # Content-Length bodies have nothing to check.
+    http1.check_buffered_body(http1.Framing("length", 3), bytearray(b"zz\r\n"))

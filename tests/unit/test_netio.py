@@ -141,3 +141,32 @@ def test_tcp_connections_have_nodelay_without_kushi_setting_it() -> None:
         await server.wait_closed()
 
     _run(main)
+
+
+def test_a_second_concurrent_reader_is_refused_not_left_hanging() -> None:
+    async def main() -> None:
+        conn, peer = await _pair()
+        first = asyncio.ensure_future(conn.fill())
+        await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="already reading"):
+            await conn.fill()
+        peer.send(b"x")
+        assert await asyncio.wait_for(first, 2)
+        await conn.wait_closed()
+        peer.close()
+
+    _run(main)
+
+
+def test_read_some_times_out_at_its_deadline() -> None:
+    async def main() -> None:
+        conn, peer = await _pair()
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            await conn.read_some(deadline=loop.time() + 0.1)
+        peer.send(b"y")
+        assert await conn.read_some(deadline=loop.time() + 1) == b"y"
+        await conn.wait_closed()
+        peer.close()
+
+    _run(main)
