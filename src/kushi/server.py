@@ -144,6 +144,19 @@ def _sockname(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _Silent:
+    """A new connection that has not sent its first byte yet: idle, for shutdown."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    def close_idle(self) -> None:
+        if not self.conn.buf:
+            self.conn.close()
+
+
 class Server:
     def __init__(
         self,
@@ -285,8 +298,13 @@ class Server:
         timeout (the connection is then closed, as an HTTP session would close it)."""
         if not client.buf:
             deadline = client.loop.time() + self.config.timeouts.header_read
-            with contextlib.suppress(TimeoutError):
-                await client.fill(deadline=deadline)
+            waiting = _Silent(client)
+            self.services.idle.add(waiting)  # shutdown closes it, as an idle keep-alive
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await client.fill(deadline=deadline)
+            finally:
+                self.services.idle.discard(waiting)
         return client.buf[0] if client.buf else None
 
     async def _read_proxy_header(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -543,3 +544,21 @@ def test_metrics_status_and_pac_know_socks(setup: Setup) -> None:
         f'return "PROXY 127.0.0.1:{setup.ports["http"]}; SOCKS5 127.0.0.1:{setup.ports["socks"]}";'
         in pac
     )
+
+
+def test_a_silent_connection_does_not_hold_up_shutdown(tmp_path: Path) -> None:
+    """The first-byte wait on a forward port (HTTP or SOCKS5 next) is idle time: SIGTERM
+    closes it at once instead of waiting out timeouts.shutdown_grace (30 s)."""
+    port = free_port()
+    kushi = Kushi(["serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", "off"], tmp_path)
+    try:
+        kushi.wait_ready()
+        with socket.create_connection(("127.0.0.1", port), 5) as sock:
+            time.sleep(0.2)
+            start = time.monotonic()
+            kushi.signal(signal.SIGTERM)
+            assert sc.closed_by_peer(sock, 10.0)
+            assert kushi.proc.wait(10) == 0
+            assert time.monotonic() - start < 5.0
+    finally:
+        kushi.stop()
