@@ -214,9 +214,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def curl_args(proxy: str | None, tunnel: bool) -> list[str]:
+def curl_args(proxy: str | None, tunnel: bool, socks: bool = False) -> list[str]:
+    """Through an HTTP proxy (a CONNECT tunnel when ``tunnel``), or a SOCKS5 one."""
     if proxy is None:
         return ["--noproxy", "*"]
+    if socks:
+        return ["--proxy", f"socks5h://{proxy}"]
     return (["-p"] if tunnel else []) + ["-x", f"http://{proxy}"]
 
 
@@ -231,13 +234,19 @@ def curl_get(url: str, proxy: str | None, tunnel: bool = False, timeout: float =
 
 
 def curl_download(
-    url: str, proxy: str | None, tunnel: bool, out: Path, size: int, digest: str
+    url: str,
+    proxy: str | None,
+    tunnel: bool,
+    out: Path,
+    size: int,
+    digest: str,
+    socks: bool = False,
 ) -> CurlResult:
     """Download a body through the proxy to a file, then check its length and sha256."""
     out.unlink(missing_ok=True)
     argv = ["curl", "-sS", "-g", "--max-time", "300", "-o", str(out)]
     argv += ["-w", "%{http_code} %{size_download} %{time_total}"]
-    argv += curl_args(proxy, tunnel) + [url]
+    argv += curl_args(proxy, tunnel, socks) + [url]
     proc = run(argv, timeout=330)
     parts = proc.stdout.split()
     if proc.returncode != 0 or len(parts) != 3:

@@ -22,6 +22,7 @@ METRICS = (
     "ab_rps",
     "get_mbps",
     "connect_mbps",
+    "socks_mbps",
     "rss_load_mib",
     "rss_get_before_mib",
     "rss_get_delta_mib",
@@ -152,6 +153,29 @@ def forward_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
         cells.append(_checks(a))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def socks_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
+    """kushi's forward port speaks SOCKS5 too: the same body through a SOCKS5 tunnel, next
+    to the CONNECT tunnel of the same round (wrk and ab have no SOCKS5)."""
+    lines = [
+        f"| row | SOCKS5 CONNECT {blob_mib} MiB, MB/s | HTTP CONNECT, MB/s | SOCKS5 / CONNECT |",
+        "|---|---|---|---|",
+    ]
+    for row in ROWS:
+        a = aggs.get(row.name)
+        if a is None or not a["ran"] or a["median"].get("socks_mbps") is None:
+            continue
+        m = a["median"]
+        ratio = m["socks_mbps"] / m["connect_mbps"] if m.get("connect_mbps") else None
+        cells = [
+            f"**{row.name}**",
+            _num(m["socks_mbps"], 0),
+            _num(m["connect_mbps"], 0),
+            "–" if ratio is None else f"{ratio:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def reverse_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
@@ -291,6 +315,10 @@ def render(
         "## Forward proxies",
         "",
         forward_table(aggs, blob_mib),
+        "",
+        "SOCKS5 on kushi's forward port (`curl --proxy socks5h://`):",
+        "",
+        socks_table(aggs, blob_mib) or "(no kushi forward row ran)",
         "",
         "## Reverse proxies and TCP relays",
         "",

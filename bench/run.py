@@ -228,6 +228,15 @@ def measure(row: Row, env: Env, s: Settings, blob: Blob) -> dict[str, Any]:
             else:
                 problems.append(f"curl {label.upper()}: {c.problem}")
             print(f"    curl {label}: {c.mb_per_s:,.0f} MB/s {c.problem}", flush=True)
+        if forward and row.name.startswith("kushi"):
+            # kushi's forward port also speaks SOCKS5: the same body through a SOCKS5 tunnel.
+            c = clients.curl_download(blob_url, proxy, True, dl, blob.size, blob.sha256, socks=True)
+            res["curl_socks"] = c.as_dict()
+            if c.ok:
+                res["socks_mbps"] = c.mb_per_s
+            else:
+                problems.append(f"curl SOCKS5: {c.problem}")
+            print(f"    curl socks5: {c.mb_per_s:,.0f} MB/s {c.problem}", flush=True)
         if row.kind == "direct":  # no tunnel; its GET is the baseline for both columns
             res["connect_mbps"] = res.get("get_mbps")
         return res
