@@ -518,27 +518,41 @@ def _get(setup: Setup, path: str) -> bytes:
     return body
 
 
+def _socks_sessions(metrics: str, **labels: str) -> float:
+    """The kushi_socks_sessions_total samples with these labels, summed."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("kushi_socks_sessions_total{") and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def test_metrics_status_and_pac_know_socks(setup: Setup) -> None:
-    r = curl(
-        "--proxy",
-        f"socks5h://127.0.0.1:{setup.ports['socks']}",
-        f"http://localhost:{setup.origin.port}/1k",
-    )
-    assert r.returncode == 0
-    metrics = _get(setup, "/metrics").decode()
-    lines = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("kushi_socks_sessions_total{")
-        and 'listener="socks"' in line
-        and 'command="connect"' in line
-        and 'family="ipv6"' in line
-        and 'mode="socks"' in line
-        and 'status_class="2xx"' in line
-    ]
-    assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 1
+    for listener in ("socks", "http"):
+        r = curl(
+            "--proxy",
+            f"socks5h://127.0.0.1:{setup.ports[listener]}",
+            f"http://[::1]:{setup.origin.port}/1k",
+        )
+        assert r.returncode == 0, r.stderr
+    want = {
+        # SOCKS5 on the forward port is counted under that listener and its mode.
+        "http": {"listener": "http", "mode": "forward", "command": "connect", "family": "ipv6"},
+        "socks": {"listener": "socks", "mode": "socks", "command": "connect", "family": "ipv6"},
+    }
+    # (The records, and so the counts, are written once kushi sees the tunnels end.)
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = _get(setup, "/metrics").decode()
+        counts = {k: _socks_sessions(metrics, status_class="2xx", **v) for k, v in want.items()}
+        if all(counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert counts["http"] >= 1 and counts["socks"] >= 1, counts
     status = json.loads(_get(setup, "/api/status"))
-    assert status["totals"]["socks"]["connect"] >= 1
+    assert status["totals"]["socks"]["connect"] >= 2
     pac = _get(setup, "/proxy.pac").decode()
     assert (
         f'return "PROXY 127.0.0.1:{setup.ports["http"]}; SOCKS5 127.0.0.1:{setup.ports["socks"]}";'
