@@ -82,11 +82,29 @@ class AccessRecord:
             extra.append(self.details)
         note = json.dumps(" ".join(extra)) if extra else "-"
         return (
-            f"{self.time + self.duration:.3f} {round(self.duration * 1000):6d} {self.client} "
-            f"{result}/{self.status:03d} {self.bytes_out} {self.method} {self.target} "
-            f"{self.user or '-'} {hier} {self.content_type or '-'} {self.family or '-'} "
-            f"up={self.bytes_in} {note}"
+            f"{self.time + self.duration:.3f} {round(self.duration * 1000):6d} "
+            f"{squid_field(self.client)} {result}/{self.status:03d} {self.bytes_out} "
+            f"{squid_field(self.method)} "
+            f"{squid_field(self.target)} {squid_field(self.user)} {squid_field(hier)} "
+            f"{squid_field(self.content_type)} {self.family or '-'} up={self.bytes_in} {note}"
         )
+
+
+#: Bytes a Squid-format field carries as they are: printable ASCII except space and "%".
+_SAFE = frozenset(range(0x21, 0x7F)) - {0x25}
+
+
+def squid_field(text: str) -> str:
+    """One space-free field of the Squid line, escaped as Squid escapes URLs (rfc1738):
+    space, "%", control bytes (C0, DEL and, as UTF-8, C1 such as NEL and CSI) and every
+    other non-ASCII byte become %XX, so nothing a client or an origin sends can add a
+    field, split the line or reach a terminal as a control sequence. Empty is "-"."""
+    if not text:
+        return "-"
+    if text.isascii() and text.isprintable() and " " not in text and "%" not in text:
+        return text
+    raw = text.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
 
 
 _FIELDS = tuple(f.name for f in fields(AccessRecord))

@@ -30,6 +30,7 @@ The admin listener keeps answering while the proxy listeners drain at shutdown (
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import json
@@ -50,9 +51,15 @@ from typing import TYPE_CHECKING, Any
 
 from kushi import __version__, http1
 from kushi.accesslog import AccessRecord
-from kushi.acl import AllowList, client_address
+from kushi.acl import AllowList, client_address, client_key
 from kushi.config import Address, Config
-from kushi.errors import KushiError, RequestDenied, RequestError, RequestTimeout
+from kushi.errors import (
+    KushiError,
+    RequestDenied,
+    RequestError,
+    RequestTimeout,
+    TooManyConnections,
+)
 from kushi.http1 import Header, RequestHead
 from kushi.netio import Conn, serve_socket
 from kushi.proxy import PROXY_NAME, read_head
@@ -298,6 +305,12 @@ def _load_static() -> dict[str, bytes]:
     return {name: root.joinpath(name).read_bytes() for name, _ in STATIC.values()}
 
 
+#: Connections the admin listener serves at once, in all and per client (an IPv6 /64 is
+#: one client); more are answered 503 and closed.
+ADMIN_MAX_CONNECTIONS = 128
+ADMIN_PER_CLIENT = 16
+
+
 def shutting_down(server: Server) -> bool:
     """True from the moment the proxy listeners stop accepting (SIGTERM/SIGINT)."""
     if server.services.stopping:
@@ -328,6 +341,8 @@ class Admin:
         self.next_refresh = 0.0  # when to re-resolve the host names in admin_allow
         self.listeners: list[asyncio.Server] = []
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.extra_names = frozenset(server.config.admin_names)
         server.on_reload.append(self.reloaded)
 
     async def start(self) -> None:
@@ -351,6 +366,7 @@ class Admin:
             if name in allow.resolved:
                 allow.resolved[name] = addrs
         self.allow = allow
+        self.extra_names = frozenset(config.admin_names)
         self.next_refresh = 0.0  # resolve new names at the next tick
         if config.admin_listen != self.admin_listen:
             log.warning("reload: admin_listen changed; restart kushi to apply that part")
@@ -375,6 +391,17 @@ class Admin:
             task.cancel()
 
     async def _handle(self, conn: Conn) -> None:
+        who = client_key(_plain(conn.peer[0] or ""))
+        if len(self.tasks) > ADMIN_MAX_CONNECTIONS or self.per_client[who] >= ADMIN_PER_CLIENT:
+            # Like the proxy listeners: an admin page must not be a way to hold descriptors.
+            exc = TooManyConnections(f"the admin listener is at its connection limit ({who})")
+            with contextlib.suppress(ConnectionError, OSError):
+                conn.write(http1.render_error(exc, proxy_name=PROXY_NAME, close=True))
+                conn.write_eof()
+            conn.close()
+            await conn.wait_closed()
+            return
+        self.per_client[who] += 1
         try:
             await self._session(conn)
         except asyncio.CancelledError:
@@ -384,6 +411,9 @@ class Admin:
             log.exception("admin: request from %s failed", conn.peer[0])
             conn.abort()
         finally:
+            self.per_client[who] -= 1
+            if self.per_client[who] <= 0:
+                del self.per_client[who]
             await conn.wait_closed()
 
     async def _session(self, conn: Conn) -> None:
@@ -463,7 +493,7 @@ class Admin:
             raise MethodNotAllowed(f"{req.method.decode('ascii', 'replace')} is not allowed here")
         if req.framing.kind != "none":
             raise RequestError("the admin listener takes no request body")
-        if path in STATIC or path == b"/api/status":
+        if path in STATIC or path in (b"/api/status", b"/metrics"):
             self._check_host(req)
         if path in STATIC:
             name, ctype = STATIC[path]
@@ -496,11 +526,14 @@ class Admin:
         raise NotFound(f"no admin page at {path.decode('ascii', 'replace')[:200]}")
 
     def _check_host(self, req: RequestHead) -> None:
-        """The status page answers only to an address or this machine's own name.
+        """The status page and /metrics answer only to an address, this machine's own
+        names and ``admin_names``.
 
         Against DNS rebinding: a web page on ``attacker.example`` that re-points its name at
-        127.0.0.1 must not be able to read the recent requests and the config. /metrics,
-        /proxy.pac and /healthz answer to any name (scrapers and browsers use many)."""
+        127.0.0.1 must not be able to read the recent requests, the config or the traffic
+        counters. /proxy.pac, /wpad.dat and /healthz answer to any name: WPAD fetches the
+        file as ``wpad.<domain>``, and neither tells a page more than the address and port
+        it rebinds to, which it knew already."""
         host = req.get(b"host")
         if host is None:
             return
@@ -508,13 +541,14 @@ class Admin:
             name, _ = http1.split_authority(host)
         except ValueError:
             raise RequestError("bad Host header") from None
-        if ip_literal(name) is not None or name in self.own_names:
+        name = name.lower().rstrip(".")
+        if ip_literal(name) is not None or name in self.own_names or name in self.extra_names:
             return
         if name == "localhost" or name.endswith(".localhost"):
             return
         raise RequestDenied(
-            f"the status page answers to this machine's addresses and names, not {name!r} "
-            "(protection against DNS rebinding)"
+            f"the status page and /metrics answer to this machine's addresses and names "
+            f"(and admin_names), not {name!r} (protection against DNS rebinding)"
         )
 
     def _response(

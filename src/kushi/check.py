@@ -243,6 +243,17 @@ def parse_proxy_status(value: bytes) -> list[dict[str, str]]:
     return members
 
 
+def kushi_member(resp: http1.ResponseHead) -> dict[str, str] | None:
+    """The Proxy-Status member kushi added: the last one named kushi. kushi appends its
+    member after every upstream's (and drops upstream members carrying its name), so an
+    origin cannot make an IPv4-only site PASS by sending its own ``kushi; next-hop=...``."""
+    values = resp.get_all(b"proxy-status")
+    if not values:
+        return None
+    members = [m for m in parse_proxy_status(b", ".join(values)) if m.get("") == "kushi"]
+    return members[-1] if members else None
+
+
 class ResourceParser(HTMLParser):
     """Collects the URLs a page loads resources from."""
 
@@ -561,12 +572,9 @@ class Checker:
 
     @staticmethod
     def _proxy_hop(hop: Hop, resp: http1.ResponseHead, proxy: Url) -> None:
-        value = resp.get(b"proxy-status")
-        if value is None:
-            return
-        members = parse_proxy_status(value)
-        if members and members[0].get("next-hop"):
-            hop.address = members[0]["next-hop"]
+        member = kushi_member(resp)
+        if member is not None and member.get("next-hop"):
+            hop.address = member["next-hop"]
 
     async def _tls(self, conn: Conn, hop: Hop) -> None:
         began = time.perf_counter()
@@ -847,13 +855,9 @@ _NO_RECORDS = frozenset(
 
 
 def _proxy_error(resp: http1.ResponseHead) -> dict[str, str] | None:
-    value = resp.get(b"proxy-status")
-    if value is None:
-        return None
-    for member in parse_proxy_status(value):
-        if "error" in member:
-            return member
-    return None
+    """kushi's own member when it carries an error (an upstream's error is not kushi's)."""
+    member = kushi_member(resp)
+    return member if member is not None and "error" in member else None
 
 
 def _proxy_refusal(resp: http1.ResponseHead, proxy: Url, url: Url) -> str:

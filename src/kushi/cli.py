@@ -93,7 +93,8 @@ def _proxy_flags(p: argparse.ArgumentParser, mode: str) -> None:
         action="append",
         metavar="CIDR[ PORTS]",
         help="destinations allowed despite the built-in refusals (loopback, link-local, "
-        "metadata, multicast), e.g. '::1/128' or '10.0.0.0/8 80,443' (repeatable)",
+        "metadata, multicast, and by default private ranges and this host's own "
+        "addresses), e.g. '::1/128' or '10.0.0.0/8 80,443' (repeatable)",
     )
     p.add_argument(
         "--deny-destination",

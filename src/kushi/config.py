@@ -51,6 +51,17 @@ DEFAULT_CONNECT_PORTS = {
     "forward": frozenset({443}),
     "socks": frozenset({22, 80, 443, 465, 587, 993, 995}),
 }
+#: Squid's default Safe_ports without the ports of schemes kushi does not forward (21 ftp,
+#: 70 gopher, 210 wais): HTTP to any other port (25 SMTP, 22 SSH, ...) is refused.
+DEFAULT_HTTP_PORTS: tuple[tuple[int, int], ...] = (
+    (80, 80),
+    (280, 280),
+    (443, 443),
+    (488, 488),
+    (591, 591),
+    (777, 777),
+    (1025, 65535),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +175,11 @@ class Listener:
     backend_retry: float = 10.0
     allow_destinations: tuple[str, ...] = ()
     deny_destinations: tuple[str, ...] = ()
-    private_destinations: Literal["allow", "deny"] = "allow"
+    private_destinations: Literal["allow", "deny"] = "deny"
+    #: Ports plain-HTTP forwarding may reach (Squid's Safe_ports for http): (low, high).
+    http_ports: tuple[tuple[int, int], ...] = DEFAULT_HTTP_PORTS
+    #: Upgrade protocols (RFC 9110 7.8) passed on; any other Upgrade is dropped.
+    upgrade_protocols: frozenset[str] = frozenset({"websocket"})
     auth_file: str | None = None
     auth_combine: Literal["both", "either"] = "both"
 
@@ -181,6 +196,8 @@ class Config:
     admin_listen: tuple[Address, ...] = (Address("127.0.0.1", 9128),)
     admin_allow: tuple[str, ...] = LOOPBACK_ONLY
     pac_proxy: str = ""
+    #: Host names (besides this machine's own) the status page and /metrics answer to.
+    admin_names: tuple[str, ...] = ()
     source: str | None = None
     #: Values that are valid but suspicious, one line each (the command line prints them
     #: as warnings; nginx's "worker_connections exceed open file resource limit" kind).
@@ -195,7 +212,15 @@ class Config:
 
 # Keys that may appear at the top level and in a [[listener]] table.
 LISTENER_KEYS = {f.name for f in fields(Listener)} - {"name"}
-GLOBAL_KEYS = {"log_level", "workers", "dns_cache_ttl", "admin_listen", "admin_allow", "pac_proxy"}
+GLOBAL_KEYS = {
+    "log_level",
+    "workers",
+    "dns_cache_ttl",
+    "admin_listen",
+    "admin_allow",
+    "admin_names",
+    "pac_proxy",
+}
 TABLE_KEYS = {"timeouts": Timeouts, "limits": Limits}
 
 
@@ -318,6 +343,26 @@ def _ports(key: str, value: Any) -> frozenset[int]:
     return frozenset(ports)
 
 
+def _port_ranges(key: str, value: Any) -> tuple[tuple[int, int], ...]:
+    """A list of ports and ``"LOW-HIGH"`` ranges: ``[80, 443, "1025-65535"]``."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        text = str(item).strip() if not isinstance(item, bool) else ""
+        low, sep, high = text.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ConfigError(key, f"{item!r} is not a port or a LOW-HIGH port range")
+        lo, hi = int(low), int(high) if sep else int(low)
+        if not 1 <= lo <= hi <= 65535:
+            raise ConfigError(key, f"{item!r} is not a port range within 1 to 65535")
+        out.append((lo, hi))
+    return tuple(sorted(out))
+
+
+def in_port_ranges(port: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(lo <= port <= hi for lo, hi in ranges)
+
+
 def _listener_value(key: str, value: Any) -> Any:
     """Parse one listener key from its file or flag form to its ``Listener`` field type."""
     if key == "mode":
@@ -371,6 +416,14 @@ def _listener_value(key: str, value: Any) -> Any:
         return entries
     if key == "private_destinations":
         return _choice(key, value, ("allow", "deny"))
+    if key == "http_ports":
+        return _port_ranges(key, value)
+    if key == "upgrade_protocols":
+        protocols = _str_list(key, value)
+        for name in protocols:
+            if not name or not all(c.isalnum() or c in "-._~+!#$%&'*^`|" for c in name):
+                raise ConfigError(key, f"{name!r} is not a protocol name (a token)")
+        return frozenset(p.lower() for p in protocols)
     if key == "auth_file":
         return _str(key, value) or None
     if key == "auth_combine":
@@ -419,7 +472,7 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
     if listener.mode in PROXY_MODES and not listener.open:
         public = [a for a in listener.listen if not _is_loopback(a.host)]
         guarded = listener.auth_file is not None and listener.auth_combine == "both"
-        if public and any(entry in EVERYONE for entry in listener.allow) and not guarded:
+        if public and admits_everyone(listener.allow) and not guarded:
             raise ConfigError(
                 f"listener {name}: allow",
                 f"admits every address on {public[0]}: that is an open proxy; "
@@ -509,6 +562,34 @@ def _overlap(a: str, b: str) -> bool:
     if ia.version != ib.version:
         return False
     return ia == ib or ia.is_unspecified or ib.is_unspecified
+
+
+#: The share of a family's address space an allow list may cover before kushi calls it
+#: open: half (0.0.0.0/1 alone is half of every IPv4 host on the internet).
+OPEN_SHARE = 0.5
+_GLOBAL_V6 = ipaddress.IPv6Network("2000::/3")  # every routed IPv6 address (RFC 4291)
+
+
+def admits_everyone(allow: tuple[str, ...]) -> bool:
+    """Whether the allow networks together cover the whole internet of one family, or a
+    large share of it (``OPEN_SHARE``): their union is computed, so ``0.0.0.0/1`` plus
+    ``128.0.0.0/1`` is caught like ``0.0.0.0/0``. For IPv6 the share is of ``2000::/3``."""
+    nets = []
+    for entry in allow:
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            continue  # a host name: one address (or a few)
+    v4 = list(ipaddress.collapse_addresses(n for n in nets if n.version == 4))
+    if sum(n.num_addresses for n in v4) >= OPEN_SHARE * 2**32:
+        return True
+    v6 = list(ipaddress.collapse_addresses(n for n in nets if n.version == 6))
+    covered = 0
+    for net in v6:
+        if net.overlaps(_GLOBAL_V6):
+            inner = net if net.prefixlen >= _GLOBAL_V6.prefixlen else _GLOBAL_V6
+            covered += inner.num_addresses
+    return covered >= OPEN_SHARE * _GLOBAL_V6.num_addresses
 
 
 def _is_loopback(host: str) -> bool:
@@ -649,10 +730,16 @@ def _global_value(key: str, value: Any) -> Any:
         return _allow_entries(key, value)
     if key == "pac_proxy":
         return _str(key, value)
+    if key == "admin_names":
+        names = _str_list(key, value)
+        for name in names:
+            if not _is_hostname(name):
+                raise ConfigError(key, f"{name!r} is not a host name")
+        return tuple(n.lower().rstrip(".") for n in names)
     raise ConfigError(key, "unknown key")  # pragma: no cover
 
 
 def _check_admin(config: Config) -> None:
     public = [a for a in config.admin_listen if not _is_loopback(a.host)]
-    if public and any(entry in EVERYONE for entry in config.admin_allow):
+    if public and admits_everyone(config.admin_allow):
         raise ConfigError("admin_allow", f"admits every address on {public[0]}; narrow it")

@@ -91,9 +91,31 @@ class RequestDenied(KushiError):
     error_type = "http_request_denied"
 
 
+class ClientNotAllowed(RequestDenied):
+    """The client is not in the listener's allow list: no request of it can pass, so the
+    connection is closed after the 403 (it must not hold a slot with keep-alive)."""
+
+    close = True
+
+
 class ProxyAuthRequired(KushiError):
     status = 407
     error_type = "http_request_denied"
+
+
+class AuthRateLimited(KushiError):
+    """Too many failed proxy-authentication attempts from one client (RFC 6585 429):
+    answered at once, without a bcrypt check, and the connection closed."""
+
+    status = 429
+    error_type = "http_request_denied"
+    close = True
+
+
+class CodingNotImplemented(RequestError):
+    """RFC 9112 section 6.1: a transfer coding kushi does not understand gets 501."""
+
+    status = 501
 
 
 class LoopDetected(KushiError):

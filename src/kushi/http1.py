@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from kushi.errors import (
+    CodingNotImplemented,
     HeaderTooLarge,
     KushiError,
     RequestError,
@@ -98,8 +99,10 @@ REASONS = {
     413: "Content Too Large",
     414: "URI Too Long",
     417: "Expectation Failed",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
@@ -370,6 +373,13 @@ def transfer_codings(values: list[bytes]) -> list[bytes] | None:
     return codings
 
 
+#: Transfer codings kushi passes on before the final ``chunked`` (RFC 9112 section 7 and
+#: the IANA registry); the origin decodes them, kushi only re-frames the chunks.
+KNOWN_CODINGS = frozenset(
+    {b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress", b"identity"}
+)
+
+
 def _chunked_last(codings: list[bytes] | None) -> bool:
     """``chunked`` is the final coding and appears only once (RFC 9112 section 6.3 item 4)."""
     if not codings:
@@ -436,6 +446,11 @@ def parse_request_head(head: bytes) -> RequestHead:
             raise RequestError(
                 f"Transfer-Encoding {_show(b', '.join(te))} does not end in a single chunked"
             )
+        unknown = [c for c in codings or [] if c not in KNOWN_CODINGS]
+        if unknown:
+            # RFC 9112 section 6.1: a transfer coding the server does not understand is
+            # answered 501, never passed on for the origin to read another way.
+            raise CodingNotImplemented(f"unknown transfer coding {_show(unknown[0])}")
         req.framing = Framing("chunked")
         # Codings applied before chunked (gzip, ...) travel on with the message.
         req.codings = tuple(c for c in (codings or [])[:-1] if c != b"identity")

@@ -47,6 +47,7 @@ from prometheus_client.samples import Sample
 
 from kushi import __version__
 from kushi.accesslog import AccessRecord
+from kushi.auth import LIMITS as AUTH_LIMITS
 
 #: Egress families, in the order the status page shows them; "none" means no upstream.
 FAMILIES = ("ipv6", "ipv4", "nat64")
@@ -191,6 +192,22 @@ class Metrics:
             ["error_type"],
             registry=registry,
         )
+        self.auth_refusals = Counter(
+            "kushi_auth_refusals",
+            "Requests refused by proxy authentication: 407 (no or wrong credentials) and "
+            "429 (too many failed attempts from one client, answered without a bcrypt check).",
+            ["status"],
+            registry=registry,
+        )
+        self.auth_limits = Gauge(
+            "kushi_auth_limit",
+            "The proxy-authentication limits in force (see SECURITY.md).",
+            ["limit"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        for name, value in AUTH_LIMITS.items():
+            self.auth_limits.labels(limit=name).set(value)
         self.reloads = Counter(
             "kushi_config_reloads",
             "Successful configuration reloads (SIGHUP).",
@@ -296,6 +313,8 @@ class Metrics:
             pending[key] = pending.get(key, 0) + record.bytes_out
         if record.error:
             self.errors.labels(error_type=record.error).inc()
+            if record.status in (407, 429):
+                self.auth_refusals.labels(status=str(record.status)).inc()
         seconds = connect_seconds(record)
         if seconds is not None:
             # Only a new connection has attempts of its own (connect_ms is 0 on a reused one).

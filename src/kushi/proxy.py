@@ -20,9 +20,11 @@ from typing import Any
 
 from kushi import http1
 from kushi.accesslog import AccessRecord
-from kushi.acl import client_address
+from kushi.acl import client_address, client_key
+from kushi.config import in_port_ranges
 from kushi.connector import Upstream, describe_fallbacks
 from kushi.errors import (
+    ClientNotAllowed,
     ConnectionReadTimeout,
     ConnectionRefused,
     ConnectionTerminated,
@@ -42,6 +44,7 @@ from kushi.errors import (
 from kushi.http1 import Data, EndOfMessage, RequestHead, ResponseHead, Target
 from kushi.netio import READ_SIZE, Conn
 from kushi.proxyproto import build as build_proxy_header
+from kushi.resolver import ip_literal
 from kushi.routing import (
     ClientInfo,
     downstream_response_headers,
@@ -310,7 +313,7 @@ class HttpSession:
 
     async def handle(self, req: RequestHead, state: ListenerState, record: AccessRecord) -> bool:
         self._body_done = req.framing.kind == "none"
-        self.authorize(req, state, record)
+        await self.authorize(req, state, record)
         target = http1.parse_target(req.method, req.target)
         if seen_via(req, self.services.pseudonym):
             raise LoopDetected("this request has already passed through this kushi (Via)")
@@ -324,6 +327,10 @@ class HttpSession:
                 raise RequestError(
                     f"kushi forwards http:// URLs; for {target.scheme}:// use a CONNECT tunnel"
                 )
+            if not in_port_ranges(target.port, state.cfg.http_ports):
+                # Squid's Safe_ports: HTTP sent to a mail or database port is an attack on
+                # that service (cross-protocol), whoever the client is.
+                raise RequestDenied(f"plain HTTP to port {target.port} is not allowed (http_ports)")
             route = Route(
                 host=target.host,
                 port=target.port,
@@ -339,16 +346,20 @@ class HttpSession:
             )
         return await self.forward_reverse(req, target, state, record)
 
-    def authorize(self, req: RequestHead, state: ListenerState, record: AccessRecord) -> None:
+    async def authorize(self, req: RequestHead, state: ListenerState, record: AccessRecord) -> None:
         """The allow list and proxy authentication, combined as ``auth_combine`` says."""
         if self._acl is None or self._acl[0] is not state or state.allow.names:
             self._acl = (state, state.allow.allows(self.client_ip))
         need = state.admission(self._acl[1])
         if need == "deny":
-            raise RequestDenied(f"client {self.info.address} is not in this listener's allow list")
+            raise ClientNotAllowed(
+                f"client {self.info.address} is not in this listener's allow list"
+            )
         if need == "admit" or state.auth is None:
             return
-        user = state.auth.check(req.get(b"proxy-authorization"))
+        user = await state.auth.check(
+            req.get(b"proxy-authorization"), client_key(self.info.address)
+        )
         if user is None:
             raise ProxyAuthRequired("proxy authentication required (Basic)")
         record.user = user
@@ -389,7 +400,10 @@ class HttpSession:
     async def open_upstream(self, route: Route, state: ListenerState) -> tuple[Upstream, bool]:
         upstream = self.services.pool.get(route.pool_key)
         if upstream is not None:
-            return upstream, True
+            # A pooled connection obeys the rules in force now, as a new one would.
+            if self._still_allowed(upstream, state):
+                return upstream, True
+            upstream.conn.abort()
         upstream = await self.services.connector.connect(
             route.host, route.port, state.policy, state.destinations
         )
@@ -405,6 +419,16 @@ class HttpSession:
             )
         return upstream, False
 
+    def _still_allowed(self, upstream: Upstream, state: ListenerState) -> bool:
+        addr = ip_literal(upstream.address)
+        if addr is None:
+            return False
+        checks = [c for c in (self.services.connector.check, state.destinations) if c]
+        try:
+            return all(check(addr, upstream.port) is None for check in checks)
+        except KushiError:
+            return False
+
     async def forward(
         self,
         req: RequestHead,
@@ -416,7 +440,7 @@ class HttpSession:
         mf = max_forwards(req)
         if mf == 0:
             return await self.answer_max_forwards(req, record)
-        upgrade = req.upgrade is not None and req.framing.kind == "none"
+        upgrade = self._upgrade_allowed(req, route, state)
         headers = upstream_request_headers(
             req,
             host=route.host_header,
@@ -437,6 +461,7 @@ class HttpSession:
 
         for attempt in range(2):
             upstream, reused = await self.open_upstream(route, state)
+            received_before = upstream.conn.bytes_in
             self.upstream = upstream
             self._current_key = route.pool_key
             record.upstream = upstream.next_hop
@@ -457,9 +482,15 @@ class HttpSession:
                 upstream.conn.abort()
                 self.upstream = None
                 # Retry once on a fresh connection only when nothing of the request can
-                # have been consumed: no body, and a pooled connection the server had closed.
-                retry = reused or isinstance(exc, _StaleConnection)
-                if attempt == 0 and req.framing.kind == "none" and retry:
+                # have been consumed: no body, a pooled connection the server had closed,
+                # not one byte of a response, and an idempotent method (RFC 9110 9.2.2).
+                retry = (
+                    (reused or isinstance(exc, _StaleConnection))
+                    and req.framing.kind == "none"
+                    and req.method in IDEMPOTENT_METHODS
+                    and upstream.conn.bytes_in == received_before
+                )
+                if attempt == 0 and retry:
                     continue
                 if not isinstance(exc, _StaleConnection):
                     raise ConnectionTerminated(
@@ -476,6 +507,26 @@ class HttpSession:
                 if not body_task.done():
                     body_task.cancel()
                 await asyncio.gather(body_task, return_exceptions=True)
+
+    def _upgrade_allowed(self, req: RequestHead, route: Route, state: ListenerState) -> bool:
+        """Whether the request's Upgrade is passed on (else it is dropped, as a hop-by-hop
+        field, and the request goes on as a plain one). Only the protocols in
+        ``upgrade_protocols`` (websocket by default); and since a 101 makes the connection
+        a raw tunnel, a forward listener allows it only to the ports a CONNECT may reach
+        (and 80, the port the same request could reach as plain HTTP)."""
+        if req.upgrade is None or req.framing.kind != "none":
+            return False
+        names = [p.split(b"/")[0].strip().lower() for p in req.upgrade.split(b",")]
+        allowed = state.cfg.upgrade_protocols
+        if not names or any(n.decode("ascii", "replace") not in allowed for n in names):
+            return False
+        if state.cfg.mode == "forward" and route.port != 80:
+            if route.port not in state.cfg.connect_ports:
+                raise RequestDenied(
+                    f"Upgrade to port {route.port} is not allowed: an upgraded connection is "
+                    "a tunnel, allowed only to connect_ports (and 80)"
+                )
+        return True
 
     async def _head_while_sending(
         self,
@@ -858,6 +909,10 @@ class HttpSession:
             if isinstance(event, EndOfMessage):
                 self._body_done = True
                 return
+
+
+#: RFC 9110 section 9.2.2: the methods a proxy may send again on its own.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class _StaleConnection(Exception):

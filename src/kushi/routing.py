@@ -162,7 +162,58 @@ def downstream_response_headers(
     drop = drop_set(
         resp.headers, resp.connection, _UPGRADE if keep_upgrade else frozenset(), _RESPONSE_DROP
     )
-    headers = [(k, v) for k, v in resp.headers if k.lower() not in drop]
+    headers = []
+    for key, value in resp.headers:
+        lower = key.lower()
+        if lower in drop:
+            continue
+        if lower == b"proxy-status":
+            # An upstream's member that carries kushi's name would read as kushi's own
+            # proof (where it connected, over which family): only kushi writes those.
+            kept = drop_members(value, PROXY_NAMES)
+            if kept is None:
+                continue
+            value = kept
+        headers.append((key, value))
     headers.append((b"Via", via_value(resp.version, pseudonym)))
     headers.append((b"Proxy-Status", proxy_status))
     return headers
+
+
+#: The names kushi writes its Proxy-Status members under (RFC 9209 section 2).
+PROXY_NAMES = frozenset({b"kushi"})
+
+
+def split_members(value: bytes) -> list[bytes]:
+    """The members of a structured-field list (RFC 8941 section 3.1), split at the commas
+    outside quoted strings; each member keeps its parameters."""
+    members: list[bytes] = []
+    start = 0
+    quoted = escaped = False
+    for i, byte in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted and byte == 0x5C:  # backslash
+            escaped = True
+        elif byte == 0x22:  # double quote
+            quoted = not quoted
+        elif byte == 0x2C and not quoted:  # comma
+            members.append(value[start:i].strip(b" \t"))
+            start = i + 1
+    members.append(value[start:].strip(b" \t"))
+    return [m for m in members if m]
+
+
+def member_name(member: bytes) -> bytes:
+    name = member.split(b";", 1)[0].strip(b" \t")
+    return name[1:-1] if name[:1] == b'"' and name[-1:] == b'"' else name
+
+
+def drop_members(value: bytes, names: frozenset[bytes]) -> bytes | None:
+    """``value`` without the members named in ``names`` (case-insensitively); None when
+    nothing is left."""
+    members = split_members(value)
+    kept = [m for m in members if member_name(m).lower() not in names]
+    if len(kept) == len(members):
+        return value
+    return b", ".join(kept) or None

@@ -9,6 +9,7 @@ so a reload applies to the next request without dropping any connection.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import secrets
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from kushi.accesslog import AccessLog, AccessRecord
-from kushi.acl import AllowList, DestinationPolicy
+from kushi.acl import AllowList, DestinationPolicy, forwards_by_client_choice, local_addresses
 from kushi.auth import Htpasswd
 from kushi.config import PROXY_MODES, Config, Listener, parse_hostport
 from kushi.connector import Connector, EgressPolicy, Upstream
@@ -85,6 +86,11 @@ class BackendSet:
         backend.down_until = 0.0
 
 
+#: Numbers every ListenerState built (start and each reload): part of the pool key, so a
+#: connection pooled under one listener's rules is never handed out under another's.
+_GENERATION = itertools.count(1)
+
+
 class ListenerState:
     """One listener's immutable runtime snapshot: a reload builds a new one, and each
     request (or tunnel) holds the one it started with until it is logged. The snapshot's
@@ -101,9 +107,9 @@ class ListenerState:
                 if name in self.allow.resolved:
                     self.allow.resolved[name] = addrs
         self.policy = egress_policy(cfg, config)
-        # Pooled connections are shared only under the same egress policy (a string: its
-        # hash is cached, unlike the policy's networks).
-        self.pool_tag = repr(self.policy)
+        # Pooled connections are shared only within one listener and one build of its
+        # rules (a reload starts a new generation); a string, so its hash is cached.
+        self.pool_tag = f"{cfg.name}#{next(_GENERATION)}#{self.policy!r}"
         self.access_log = AccessLog(cfg.access_log, cfg.access_log_format)
         self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
         self.trusted = cfg.trusted_proxies
@@ -113,9 +119,13 @@ class ListenerState:
         # TCP backends are the owner's own choice.
         self.destinations: DestinationPolicy | None = (
             DestinationPolicy(
-                cfg.allow_destinations, cfg.deny_destinations, cfg.private_destinations
+                cfg.allow_destinations,
+                cfg.deny_destinations,
+                cfg.private_destinations,
+                nat64_prefixes=cfg.nat64_prefixes,
+                own=local_addresses(),
             )
-            if cfg.mode in PROXY_MODES
+            if forwards_by_client_choice(cfg.mode)
             else None
         )
 
@@ -166,6 +176,8 @@ class Services:
     pool: UpstreamPool
     pseudonym: str = field(default_factory=lambda: "kushi-" + secrets.token_hex(3))
     own_addresses: set[tuple[IPAddress, int]] = field(default_factory=set)
+    #: Every address of this host: a listener on 0.0.0.0 or [::] is reached at any of them.
+    host_addresses: frozenset[IPAddress] = field(default_factory=local_addresses)
     recent: collections.deque[AccessRecord] = field(
         default_factory=lambda: collections.deque(maxlen=200)
     )
@@ -206,7 +218,9 @@ class Services:
             if own_port != port:
                 continue
             if own == addr or (
-                own.is_unspecified and own.version == addr.version and addr.is_loopback
+                own.is_unspecified
+                and own.version == addr.version
+                and (addr.is_loopback or addr in self.host_addresses)
             ):
                 raise LoopDetected(f"{addr} port {port} is this kushi's own listening address")
         return None

@@ -34,7 +34,7 @@ from typing import Any
 
 from kushi import http1
 from kushi.accesslog import AccessRecord, describe_path
-from kushi.acl import client_address, in_networks
+from kushi.acl import client_address, client_key, in_networks
 from kushi.config import Address, Config, Listener, load_config
 from kushi.errors import (
     ConfigError,
@@ -220,8 +220,9 @@ class Server:
                 if with_header is None:
                     return  # closed before its first byte: a load balancer's health check
                 info = with_header
-            limit_error = self._over_limit(info.address)
-            self.per_client[info.address] += 1
+            who = client_key(info.address)  # an IPv6 /64 is one client
+            limit_error = self._over_limit(who)
+            self.per_client[who] += 1
             try:
                 if limit_error is not None:
                     await self._refuse(state, client, info, limit_error)
@@ -262,9 +263,9 @@ class Server:
                     )
                     await session.run()
             finally:
-                self.per_client[info.address] -= 1
-                if self.per_client[info.address] <= 0:
-                    del self.per_client[info.address]
+                self.per_client[who] -= 1
+                if self.per_client[who] <= 0:
+                    del self.per_client[who]
         except ProxyProtocolError as exc:
             log.warning(
                 "listener %s: closing connection from %s: %s", name, info.address, exc.details
@@ -388,26 +389,32 @@ class Server:
         new_listen = {c.name: c.listen for c in new.listeners}
         if old_listen != new_listen:
             log.warning("reload: listener addresses changed; restart kushi to apply that part")
-        fresh: dict[str, ListenerState] = {}
+        # Build every new listener state first: one that cannot be built (an access log
+        # that cannot be opened) leaves the running config wholly in place.
+        built: dict[str, ListenerState] = {}
         try:
             for cfg in new.listeners:
                 if cfg.name in self.states and cfg.listen == self.states[cfg.name].cfg.listen:
-                    fresh[cfg.name] = ListenerState(cfg, new, previous=self.states[cfg.name])
-        except ConfigError as exc:
-            for state in fresh.values():
+                    built[cfg.name] = ListenerState(cfg, new, previous=self.states[cfg.name])
+        except (OSError, KushiError) as exc:
+            for state in built.values():
                 state.close()
-            log.error("reload failed, keeping the running config: %s", exc)
+            reason: object = exc
+            if isinstance(exc, OSError):
+                reason = f"{exc.filename or 'access log'}: {exc.strerror or exc}"
+            log.error("reload failed, keeping the running config: %s", reason)
             return False
-        for cfg in new.listeners:
-            if cfg.name in fresh:
-                old = self.states[cfg.name]
-                state = self.states[cfg.name] = fresh[cfg.name]
-                old.retire()
-                if state.allow.names:
-                    # Held until done, then dropped: nothing accumulates per reload.
-                    task = asyncio.ensure_future(state.allow.refresh(self.services.resolver))
-                    self.refreshes.add(task)
-                    task.add_done_callback(self.refreshes.discard)
+        for name, state in built.items():
+            old = self.states[name]
+            self.states[name] = state
+            old.retire()  # its log stays open until its last request is logged
+            if state.allow.names:
+                # Held until done, then dropped: nothing accumulates per reload.
+                task = asyncio.ensure_future(state.allow.refresh(self.services.resolver))
+                self.refreshes.add(task)
+                task.add_done_callback(self.refreshes.discard)
+        # Idle upstream connections were opened under the old rules: none is reused.
+        self.services.pool.close()
         self.config = replace(new, listeners=tuple(self.states[n].cfg for n in self.states))
         self.services.config = self.config
         self.reloads += 1

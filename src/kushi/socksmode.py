@@ -29,8 +29,9 @@ import time
 from collections.abc import Callable
 
 from kushi.accesslog import AccessRecord
-from kushi.acl import client_address
+from kushi.acl import client_address, client_key
 from kushi.errors import (
+    AuthRateLimited,
     KushiError,
     ProxyAuthRequired,
     RequestDenied,
@@ -160,7 +161,12 @@ class SocksSession:
                         "(this listener needs username/password, RFC 1929)"
                     )
             elif isinstance(event, Credentials):
-                user = self._verify(event)
+                try:
+                    user = await self._verify(event)
+                except AuthRateLimited:
+                    # Refused without a bcrypt check: a failure status, then closed.
+                    await self.send(machine.auth_result(False))
+                    raise
                 await self.send(machine.auth_result(user is not None))
                 if user is None:
                     raise ProxyAuthRequired(
@@ -176,9 +182,11 @@ class SocksSession:
                     )
                 return event
 
-    def _verify(self, creds: Credentials) -> str | None:
+    async def _verify(self, creds: Credentials) -> str | None:
         auth = self.state.auth
-        return auth.verify(creds.username, creds.password) if auth is not None else None
+        if auth is None:
+            return None
+        return await auth.verify(creds.username, creds.password, client_key(self.info.address))
 
     async def send(self, data: bytes) -> None:
         try:

@@ -239,8 +239,9 @@ class WhoamiServer:
                 port=conn.peer[1],
                 family=family,
                 local=local,
-                method=req.method.decode("ascii"),
-                target=req.target.decode("ascii"),
+                # A target may carry raw non-ASCII bytes (obs-text): shown escaped, as \xNN.
+                method=req.method.decode("ascii", "backslashreplace"),
+                target=req.target.decode("ascii", "backslashreplace"),
                 version=f"HTTP/{req.version[0]}.{req.version[1]}",
                 headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers),
             )

@@ -446,14 +446,15 @@ def test_status_page_refuses_foreign_host_names(setup: Setup) -> None:
         request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         return raw_exchange(setup.admin, request.encode())
 
-    for path in ("/api/status", "/", "/static/status.js"):
+    for path in ("/api/status", "/", "/static/status.js", "/metrics"):
         answer = with_host(path, f"attacker.example:{setup.admin}")
         assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
         assert b"DNS rebinding" in answer
         for host in (f"localhost:{setup.admin}", f"127.0.0.1:{setup.admin}", "[::1]"):
             assert with_host(path, host).startswith(b"HTTP/1.1 200 ")
-    # Scrapers and browsers fetching the PAC file may use any name.
-    for path in ("/metrics", "/proxy.pac", "/healthz"):
+    # WPAD fetches the PAC file as wpad.<domain>; neither it nor /healthz tells a page
+    # more than the address and port it rebinds to.
+    for path in ("/proxy.pac", "/wpad.dat", "/healthz"):
         assert with_host(path, "attacker.example").startswith(b"HTTP/1.1 200 ")
 
 

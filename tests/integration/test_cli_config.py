@@ -177,7 +177,7 @@ def test_flags_override_the_file(tmp_path: Path, started: list[Kushi]) -> None:
     assert "CONNECT ports 443,8443" in line and "(json)" in line  # the file, where no flag
     # And it is what kushi does: an IPv4 literal is refused under ipv6-only.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+        sock.sendall(b"GET http://127.0.0.1:9999/ HTTP/1.1\r\nHost: 127.0.0.1:9999\r\n\r\n")
         answer = sock.recv(65536)
     assert b"destination_not_found" in answer
 

@@ -835,7 +835,9 @@ def ws_frame(opcode: int, payload: bytes, mask: bytes) -> bytes:
     return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
 
 
-def test_websocket_upgrade_relayed(kushi: Proxy, origin: Origin) -> None:
+def test_websocket_upgrade_relayed(own_kushi: Any, origin: Origin) -> None:
+    # An upgraded connection is a tunnel: the origin's port must be a CONNECT port.
+    kushi = own_kushi("--connect-ports", f"443,{origin.port}")
     key = base64.b64encode(os.urandom(16)).decode()
     mark = marker()
     with Raw(kushi.port) as c:

@@ -145,10 +145,11 @@ def test_sigterm_closes_idle_keepalive_connections_without_waiting_the_grace(
 
 
 @pytest.mark.parametrize(
-    ("change", "status", "error_type"),
+    ("change", "status", "error_type", "kept"),
     [
-        ({"allow": ["203.0.113.9/32"]}, 403, "http_request_denied"),
-        ({"egress": "ipv4-only"}, 502, "destination_not_found"),
+        # A client no request of which can pass is closed after its 403 (issue 16).
+        ({"allow": ["203.0.113.9/32"]}, 403, "http_request_denied", False),
+        ({"egress": "ipv4-only"}, 502, "destination_not_found", True),
     ],
     ids=["allow-list", "egress"],
 )
@@ -158,6 +159,7 @@ def test_sighup_applies_changed_config_to_the_next_request_on_open_connection(
     change: dict[str, Any],
     status: int,
     error_type: str,
+    kept: bool,
 ) -> None:
     with Raw(running.port) as c:
         before, fields, _ = c.get(origin.url("/1k"))
@@ -170,8 +172,12 @@ def test_sighup_applies_changed_config_to_the_next_request_on_open_connection(
         assert after == status
         assert f"error={error_type}" in fields["proxy-status"]
         assert error_type.encode() in body
-        again, _, _ = c.get(origin.url("/1k"))
-        assert again == status  # and it is still usable
+        if kept:
+            again, _, _ = c.get(origin.url("/1k"))
+            assert again == status  # and it is still usable
+        else:
+            assert fields.get("connection") == "close"
+            assert c.rfile.read() == b""
     with Raw(running.port) as fresh:
         assert fresh.get(origin.url("/1k"))[0] == status
     assert running.kushi.proc.poll() is None
