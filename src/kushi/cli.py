@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to listen on (repeatable) [default: [::]:8080 and 0.0.0.0:8080]",
     )
-    from kushi.check import add_arguments as add_check_arguments
+    from kushi.tools.check import add_arguments as add_check_arguments
 
     add_check_arguments(
         sub.add_parser(
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="IPv6 readiness report for URLs: DNS, connect, TLS, HTTP, redirects, page",
             description="Check whether URLs work over IPv6 (and IPv4 for comparison). "
             "Exit 0 when everything works over IPv6, 1 when something fails, 2 for bad "
-            "arguments. See `pydoc kushi.check` for the --json schema.",
+            "arguments. See `pydoc kushi.tools.check` for the --json schema.",
         )
     )
     return parser
@@ -250,11 +250,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         return config_command(args)
     if args.command == "whoami":
-        from kushi.whoami import run as run_whoami
+        from kushi.tools.whoami import run as run_whoami
 
         return run_whoami(args.listen)
     if args.command == "check":
-        from kushi.check import command as run_check
+        from kushi.tools.check import command as run_check
 
         return run_check(args)
     overrides = overrides_from(args)
