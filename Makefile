@@ -32,6 +32,7 @@ lint: $(VENV)/.test-deps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy --strict src
+	$(BIN)/lint-imports
 
 test: sysdeps lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

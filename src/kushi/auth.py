@@ -31,9 +31,9 @@ from collections.abc import Callable
 
 import bcrypt
 
-from kushi.errors import AuthRateLimited, ConfigError
+from kushi.config import read_htpasswd
+from kushi.errors import AuthRateLimited
 
-BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
 CACHE_SECONDS = 300.0
 CACHE_ENTRIES = 1024
 BCRYPT_THREADS = 2
@@ -95,29 +95,7 @@ class Htpasswd:
 
     @classmethod
     def load(cls, path: str, key: str = "auth_file") -> Htpasswd:
-        try:
-            with open(path, "rb") as fh:
-                lines = fh.read().splitlines()
-        except OSError as exc:
-            raise ConfigError(key, f"{path}: {exc.strerror}") from None
-        users: dict[str, bytes] = {}
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line or line.startswith(b"#"):
-                continue
-            user, sep, digest = line.partition(b":")
-            if not sep or not user:
-                raise ConfigError(key, f"{path} line {number}: expected user:bcrypt-hash")
-            if not digest.startswith(BCRYPT_PREFIXES):
-                raise ConfigError(
-                    key,
-                    f"{path} line {number}: user {user.decode('utf-8', 'replace')!r} is not a "
-                    "bcrypt entry (clear-text and MD5 are refused; use htpasswd -B)",
-                )
-            users[user.decode("utf-8", "replace")] = digest.replace(b"$2y$", b"$2b$", 1)
-        if not users:
-            raise ConfigError(key, f"{path}: no users")
-        return cls(users, path)
+        return cls(dict(read_htpasswd(path, key)), path)
 
     async def check(self, header: bytes | None, client: str = "") -> str | None:
         """The user name if ``header`` holds valid Basic credentials, else None.

@@ -182,6 +182,9 @@ class Listener:
     upgrade_protocols: frozenset[str] = frozenset({"websocket"})
     auth_file: str | None = None
     auth_combine: Literal["both", "either"] = "both"
+    #: The users and bcrypt hashes of ``auth_file``, read once when the config is loaded
+    #: (and again on every reload).
+    auth_users: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +214,9 @@ class Config:
 
 
 # Keys that may appear at the top level and in a [[listener]] table.
-LISTENER_KEYS = {f.name for f in fields(Listener)} - {"name"}
+#: Derived at load, never set by hand.
+DERIVED_KEYS = frozenset({"auth_users"})
+LISTENER_KEYS = {f.name for f in fields(Listener)} - {"name"} - DERIVED_KEYS
 GLOBAL_KEYS = {
     "log_level",
     "workers",
@@ -479,9 +484,8 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
                 "narrow allow or pass --open (open = true)",
             )
     if listener.auth_file is not None:
-        from kushi.auth import Htpasswd
-
-        Htpasswd.load(listener.auth_file, f"listener {name}: auth_file")
+        users = read_htpasswd(listener.auth_file, f"listener {name}: auth_file")
+        listener = replace(listener, auth_users=users)
     if listener.proxy_protocol and not listener.proxy_protocol_from:
         raise ConfigError(
             f"listener {name}: proxy_protocol_from",
@@ -489,6 +493,37 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
         )
     _check_dead_denials(name, listener)
     return listener
+
+
+BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
+
+
+def read_htpasswd(path: str, key: str = "auth_file") -> tuple[tuple[str, bytes], ...]:
+    """The users and bcrypt hashes of an htpasswd file. Only bcrypt entries (``htpasswd -B``)
+    are accepted; anything else is a ``ConfigError`` naming the line."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(key, f"{path}: {exc.strerror}") from None
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        user, sep, digest = line.partition(b":")
+        if not sep or not user:
+            raise ConfigError(key, f"{path} line {number}: expected user:bcrypt-hash")
+        if not digest.startswith(BCRYPT_PREFIXES):
+            raise ConfigError(
+                key,
+                f"{path} line {number}: user {user.decode('utf-8', 'replace')!r} is not a "
+                "bcrypt entry (clear-text and MD5 are refused; use htpasswd -B)",
+            )
+        users[user.decode("utf-8", "replace")] = digest.replace(b"$2y$", b"$2b$", 1)
+    if not users:
+        raise ConfigError(key, f"{path}: no users")
+    return tuple(users.items())
 
 
 def _check_dead_denials(name: str, listener: Listener) -> None:

@@ -114,7 +114,7 @@ class ListenerState:
         self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
         self.trusted = cfg.trusted_proxies
         self.proxy_protocol_from = cfg.proxy_protocol_from
-        self.auth = Htpasswd.load(cfg.auth_file) if cfg.auth_file else None
+        self.auth = Htpasswd(dict(cfg.auth_users), cfg.auth_file) if cfg.auth_file else None
         # Only forward and SOCKS listeners connect where their clients say; reverse and
         # TCP backends are the owner's own choice.
         self.destinations: DestinationPolicy | None = (

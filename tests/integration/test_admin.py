@@ -635,5 +635,8 @@ def test_config_view_redacts_secrets(tmp_path: Path) -> None:
     assert view["listeners"][0]["connect_ports"] == [443]
     assert view["timeouts"]["connect"] == 10.0
     assert str(htpasswd) not in json.dumps(view)
+    # The users and hashes read from the file at load are never shown either.
+    assert config.listeners[0].auth_users[0][0] == "bob"
+    assert "$2b$" not in json.dumps(view) and "bob" not in json.dumps(view)
     unset = config_view(load_config(overrides={"listen": ["127.0.0.1:3128"]}))
     assert unset["listeners"][0]["auth_file"] is None

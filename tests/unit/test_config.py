@@ -390,3 +390,20 @@ def test_socks_listener_is_no_open_proxy() -> None:
         {"mode": "socks", "listen": ["0.0.0.0:1080"], "allow": ["0.0.0.0/0"], "open": True},
     )
     assert ok.listeners[0].open
+
+
+def test_auth_users_is_derived_from_the_file_not_a_key(tmp_path: Path) -> None:
+    """The htpasswd file is read once, at load; its users are not a key anyone can set."""
+    import bcrypt
+
+    from kushi.config import load_config
+
+    pw = tmp_path / "pw"
+    pw.write_text("ann:" + bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4)).decode() + "\n")
+    config = load_config(overrides={"auth_file": str(pw), "listen": ["127.0.0.1:3128"]})
+    assert [user for user, _ in config.listeners[0].auth_users] == ["ann"]
+    toml = tmp_path / "k.toml"
+    toml.write_text('auth_users = "x"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(str(toml))
+    assert "auth_users" in str(err.value) and "unknown key" in str(err.value)

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from kushi.cli import main
-from kushi.config import Address, Config, Limits, Listener, Timeouts, load_config
+from kushi.config import DERIVED_KEYS, Address, Config, Limits, Listener, Timeouts, load_config
 
 pytestmark = pytest.mark.timeout(30)
 
 EXAMPLE = files("kushi").joinpath("example.toml")
 TEXT = EXAMPLE.read_text(encoding="utf-8")
 #: Config fields that are not keys of the file.
-NOT_KEYS = {"listeners", "source", "warnings"}
+NOT_KEYS = {"listeners", "source", "warnings"} | DERIVED_KEYS
 
 
 def example_path(tmp_path: Path, text: str = TEXT) -> str:
