@@ -13,7 +13,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 
-from kushi.config import IPNetwork, parse_destination_rule, parse_network
+from kushi.config import AllowEntry, DestinationRule, IPNetwork, parse_network
 from kushi.errors import KushiError
 from kushi.resolver import IPAddress, Resolver, ip_literal
 
@@ -40,14 +40,10 @@ def in_networks(addr: IPAddress, networks: Iterable[IPNetwork]) -> bool:
 
 
 class AllowList:
-    def __init__(self, entries: Iterable[str]) -> None:
-        self.networks: list[IPNetwork] = []
-        self.names: list[str] = []
-        for entry in entries:
-            try:
-                self.networks.append(parse_network("allow", entry))
-            except KushiError:
-                self.names.append(entry)
+    def __init__(self, entries: Iterable[AllowEntry]) -> None:
+        entries = tuple(entries)
+        self.networks: list[IPNetwork] = [e for e in entries if not isinstance(e, str)]
+        self.names: list[str] = [e for e in entries if isinstance(e, str)]
         self.resolved: dict[str, frozenset[IPAddress]] = {name: frozenset() for name in self.names}
 
     def allows(self, addr: IPAddress | None) -> bool:
@@ -193,14 +189,14 @@ class DestinationPolicy:
 
     def __init__(
         self,
-        allow: Iterable[str],
-        deny: Iterable[str],
+        allow: Iterable[DestinationRule],
+        deny: Iterable[DestinationRule],
         private: str = "deny",
         nat64_prefixes: Iterable[ipaddress.IPv6Network] = (),
         own: Iterable[IPAddress] = (),
     ) -> None:
-        self.allow = [parse_destination_rule("allow_destinations", e) for e in allow]
-        self.deny = [parse_destination_rule("deny_destinations", e) for e in deny]
+        self.allow = tuple(allow)
+        self.deny = tuple(deny)
         self.builtin = [(parse_network("builtin", n), why) for n, why in DEFAULT_DENY]
         self.private_denied = private == "deny"
         self.private = (
@@ -220,17 +216,14 @@ class DestinationPolicy:
         return None
 
     def _allowed(self, addr: IPAddress, port: int) -> bool:
-        return any(
-            addr.version == net.version and addr in net and (not ports or port in ports)
-            for net, ports in self.allow
-        )
+        return any(rule.covers(addr, port) for rule in self.allow)
 
     def _check(self, addr: IPAddress, port: int) -> str | None:
         if self._allowed(addr, port):
             return None
-        for net, ports in self.deny:
-            if addr.version == net.version and addr in net and (not ports or port in ports):
-                return f"denied by deny_destinations ({net})"
+        for rule in self.deny:
+            if rule.covers(addr, port):
+                return f"denied by deny_destinations ({rule.network})"
         for net, why in self.builtin:
             if addr.version == net.version and addr in net:
                 return f"{why} (allow it with allow_destinations)"

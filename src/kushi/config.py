@@ -33,13 +33,21 @@ from kushi.errors import ConfigError
 Mode = Literal["forward", "reverse", "tcp", "socks"]
 EgressPolicy = Literal["prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: An allow-list entry: a client network, or a host name re-resolved at run time.
+AllowEntry = IPNetwork | str
 
 MODES: tuple[Mode, ...] = ("forward", "reverse", "tcp", "socks")
 EGRESS_POLICIES: tuple[EgressPolicy, ...] = ("prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only")
 LOG_FORMATS = ("squid", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOOPBACK_ONLY = ("127.0.0.0/8", "::1/128")
-EVERYONE = ("0.0.0.0/0", "::/0")
+LOOPBACK_ONLY: tuple[AllowEntry, ...] = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv6Network("::1/128"),
+)
+EVERYONE: tuple[AllowEntry, ...] = (
+    ipaddress.IPv4Network("0.0.0.0/0"),
+    ipaddress.IPv6Network("::/0"),
+)
 #: Modes that connect where their clients say (allow list, destination policy, open-proxy
 #: guard); reverse and TCP listeners connect only to their configured backends.
 PROXY_MODES = ("forward", "socks")
@@ -155,7 +163,8 @@ class Listener:
     name: str
     mode: Mode
     listen: tuple[Address, ...]
-    allow: tuple[str, ...]
+    #: Client networks, and host names re-resolved at run time.
+    allow: tuple[AllowEntry, ...]
     open: bool = False
     egress: EgressPolicy = "prefer-ipv6"
     nat64: Literal["allow", "refuse"] = "allow"
@@ -173,8 +182,8 @@ class Listener:
     proxy_protocol_from: tuple[IPNetwork, ...] = ()
     backend_proxy_protocol: int = 0
     backend_retry: float = 10.0
-    allow_destinations: tuple[str, ...] = ()
-    deny_destinations: tuple[str, ...] = ()
+    allow_destinations: tuple[DestinationRule, ...] = ()
+    deny_destinations: tuple[DestinationRule, ...] = ()
     private_destinations: Literal["allow", "deny"] = "deny"
     #: Ports plain-HTTP forwarding may reach (Squid's Safe_ports for http): (low, high).
     http_ports: tuple[tuple[int, int], ...] = DEFAULT_HTTP_PORTS
@@ -197,7 +206,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     admin_listen: tuple[Address, ...] = (Address("127.0.0.1", 9128),)
-    admin_allow: tuple[str, ...] = LOOPBACK_ONLY
+    admin_allow: tuple[AllowEntry, ...] = LOOPBACK_ONLY
     pac_proxy: str = ""
     #: Host names (besides this machine's own) the status page and /metrics answer to.
     admin_names: tuple[str, ...] = ()
@@ -290,24 +299,43 @@ def unmap_network(net: IPNetwork) -> IPNetwork:
     return net
 
 
-def parse_destination_rule(key: str, text: str) -> tuple[IPNetwork, frozenset[int]]:
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    """One ``allow_destinations`` / ``deny_destinations`` entry: a network and the ports it
+    covers (empty: every port)."""
+
+    network: IPNetwork
+    ports: frozenset[int] = frozenset()
+
+    def covers(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        if addr.version != self.network.version or addr not in self.network:
+            return False
+        return not self.ports or port in self.ports
+
+    def __str__(self) -> str:
+        if not self.ports:
+            return str(self.network)
+        return f"{self.network} {','.join(map(str, sorted(self.ports)))}"
+
+
+def parse_destination_rule(key: str, text: str) -> DestinationRule:
     """``CIDR`` or ``CIDR PORT[,PORT...]``: a network and the ports it covers (empty: all)."""
     net_text, _, ports_text = text.strip().partition(" ")
     net = parse_network(key, net_text)
     ports = _ports(key, ports_text.strip()) if ports_text.strip() else frozenset()
-    return net, ports
+    return DestinationRule(net, ports)
 
 
-def _allow_entries(key: str, value: Any) -> tuple[str, ...]:
-    """CIDRs are normalised; anything else must be a host name (re-resolved at run time)."""
-    out = []
+def _allow_entries(key: str, value: Any) -> tuple[AllowEntry, ...]:
+    """CIDRs become networks; anything else must be a host name (re-resolved at run time)."""
+    out: list[AllowEntry] = []
     for entry in _str_list(key, value):
         entry = entry.strip()
         if "/" in entry or _ip(entry) is not None:
-            out.append(str(parse_network(key, entry)))
+            out.append(parse_network(key, entry))
             continue
         try:
-            out.append(str(parse_network(key, entry)))
+            out.append(parse_network(key, entry))
         except ConfigError:
             if not _is_hostname(entry):
                 raise ConfigError(key, f"{entry!r} is neither a CIDR nor a host name") from None
@@ -415,10 +443,7 @@ def _listener_value(key: str, value: Any) -> Any:
     if key == "backend_retry":
         return float(_number(key, value))
     if key in ("allow_destinations", "deny_destinations"):
-        entries = _str_list(key, value)
-        for entry in entries:
-            parse_destination_rule(key, entry)
-        return entries
+        return tuple(parse_destination_rule(key, entry) for entry in _str_list(key, value))
     if key == "private_destinations":
         return _choice(key, value, ("allow", "deny"))
     if key == "http_ports":
@@ -529,15 +554,15 @@ def read_htpasswd(path: str, key: str = "auth_file") -> tuple[tuple[str, bytes],
 def _check_dead_denials(name: str, listener: Listener) -> None:
     """A ``deny_destinations`` rule wholly inside an ``allow_destinations`` one never
     applies (allow is checked first): the same destination both allowed and denied."""
-    allows = [parse_destination_rule("allow_destinations", e) for e in listener.allow_destinations]
-    for entry in listener.deny_destinations:
-        net, ports = parse_destination_rule("deny_destinations", entry)
-        for allow_net, allow_ports in allows:
+    for deny in listener.deny_destinations:
+        net, ports = deny.network, deny.ports
+        for allow in listener.allow_destinations:
+            allow_net, allow_ports = allow.network, allow.ports
             covered = net.version == allow_net.version and net.subnet_of(allow_net)  # type: ignore[arg-type]
             if covered and (not allow_ports or (ports and ports <= allow_ports)):
                 raise ConfigError(
                     f"listener {name}: deny_destinations",
-                    f"{entry!r} is also allowed by allow_destinations "
+                    f"{str(deny)!r} is also allowed by allow_destinations "
                     f"({allow_net}), which is checked first: the denial never applies",
                 )
 
@@ -605,16 +630,11 @@ OPEN_SHARE = 0.5
 _GLOBAL_V6 = ipaddress.IPv6Network("2000::/3")  # every routed IPv6 address (RFC 4291)
 
 
-def admits_everyone(allow: tuple[str, ...]) -> bool:
+def admits_everyone(allow: tuple[AllowEntry, ...]) -> bool:
     """Whether the allow networks together cover the whole internet of one family, or a
     large share of it (``OPEN_SHARE``): their union is computed, so ``0.0.0.0/1`` plus
     ``128.0.0.0/1`` is caught like ``0.0.0.0/0``. For IPv6 the share is of ``2000::/3``."""
-    nets = []
-    for entry in allow:
-        try:
-            nets.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            continue  # a host name: one address (or a few)
+    nets = [entry for entry in allow if not isinstance(entry, str)]  # names: a few addresses
     v4 = list(ipaddress.collapse_addresses(n for n in nets if n.version == 4))
     if sum(n.num_addresses for n in v4) >= OPEN_SHARE * 2**32:
         return True

@@ -123,7 +123,7 @@ def bind_all(config: Config) -> dict[str, list[socket.socket]]:
 def describe_listener(cfg: Listener, socks: list[socket.socket]) -> str:
     addrs = ", ".join(_sockname(s) for s in socks)
     parts = [f"{cfg.mode} listener {cfg.name!r} on {addrs}", f"egress {cfg.egress}"]
-    allow = ", ".join(cfg.allow) or "nobody"
+    allow = ", ".join(map(str, cfg.allow)) or "nobody"
     parts.append(f"allow {allow}" + (" (open)" if cfg.open else ""))
     if cfg.mode in ("forward", "socks"):
         parts.append("CONNECT ports " + ",".join(str(p) for p in sorted(cfg.connect_ports)))

@@ -48,7 +48,8 @@ def test_defaults() -> None:
     assert listener.name == "forward" and listener.mode == "forward"
     assert listener.listen == (Address("127.0.0.1", 3128), Address("::1", 3128))
     assert listener.egress == "prefer-ipv6"
-    assert listener.allow == LOOPBACK_ONLY == ("127.0.0.0/8", "::1/128")
+    assert listener.allow == LOOPBACK_ONLY
+    assert [str(net) for net in listener.allow] == ["127.0.0.0/8", "::1/128"]
     assert listener.connect_ports == frozenset({443})
     assert listener.nat64 == "allow"
     assert listener.nat64_prefixes == (ipaddress.IPv6Network("64:ff9b::/96"),)
@@ -229,10 +230,11 @@ def test_allow_entries_normalised() -> None:
         None,
         {"allow": ["198.51.100.7", "::ffff:198.51.100.0/120", "2001:DB8::/32", "Home.Example."]},
     )
+    # Networks are parsed once, at load; a host name stays a name (re-resolved at run time).
     assert config.listeners[0].allow == (
-        "198.51.100.7/32",
-        "198.51.100.0/24",  # IPv4-mapped is the IPv4 network it carries
-        "2001:db8::/32",
+        ipaddress.ip_network("198.51.100.7/32"),
+        ipaddress.ip_network("198.51.100.0/24"),  # IPv4-mapped is the IPv4 network it carries
+        ipaddress.ip_network("2001:db8::/32"),
         "home.example",
     )
 
@@ -246,7 +248,7 @@ def test_public_listener_admitting_everyone_refused_unless_open() -> None:
     config = load_config(None, {"listen": ["0.0.0.0:3128"], "allow": ["0.0.0.0/0"], "open": True})
     assert config.listeners[0].open is True
     # Loopback listeners, or a narrowed allow list, are not open proxies.
-    load_config(None, {"listen": ["127.0.0.1:3128"], "allow": list(EVERYONE)})
+    load_config(None, {"listen": ["127.0.0.1:3128"], "allow": [str(net) for net in EVERYONE]})
     load_config(None, {"listen": ["0.0.0.0:3128"], "allow": ["198.51.100.0/24"]})
 
 
@@ -366,7 +368,7 @@ def test_socks_listener_defaults() -> None:
     (listener,) = config.listeners
     assert listener.mode == "socks"
     assert [str(a) for a in listener.listen] == ["127.0.0.1:1080", "[::1]:1080"]
-    assert listener.allow == ("127.0.0.0/8", "::1/128")
+    assert [str(net) for net in listener.allow] == ["127.0.0.0/8", "::1/128"]
     assert listener.connect_ports == frozenset({22, 80, 443, 465, 587, 993, 995})
     assert 25 not in listener.connect_ports
     # The destination policy is built for socks listeners, as for forward ones.

@@ -12,6 +12,7 @@ import ipaddress
 import pytest
 
 from kushi.acl import AllowList
+from kushi.config import parse_network
 from kushi.errors import DNSError
 from kushi.resolver import Resolver, ip_literal
 
@@ -93,7 +94,7 @@ def test_ttl_zero_disables_the_cache() -> None:
 
 def test_allow_list_host_names_are_resolved_on_refresh() -> None:
     async def main() -> None:
-        allow = AllowList(["203.0.113.0/24", "localhost"])
+        allow = AllowList([ipaddress.ip_network("203.0.113.0/24"), "localhost"])
         loopback = ipaddress.ip_address("127.0.0.1")
         assert not allow.allows(loopback)  # not resolved yet
         await allow.refresh(Resolver(ttl=0.0))
@@ -116,10 +117,12 @@ def test_allow_list_keeps_the_last_answer_when_a_name_stops_resolving() -> None:
 
 
 def test_mapped_client_addresses_match_ipv4_rules() -> None:
-    allow = AllowList(["198.51.100.0/24"])
+    allow = AllowList([ipaddress.ip_network("198.51.100.0/24")])
     mapped = ip_literal("::ffff:198.51.100.7")
     assert mapped is not None and allow.allows(mapped)
-    assert AllowList(["::ffff:198.51.100.0/120"]).allows(ipaddress.ip_address("198.51.100.7"))
+    # The config parses an IPv4-mapped network as the IPv4 network it carries.
+    mapped_net = parse_network("allow", "::ffff:198.51.100.0/120")
+    assert AllowList([mapped_net]).allows(ipaddress.ip_address("198.51.100.7"))
 
 
 def test_ip_literal_caches_only_what_could_be_an_address() -> None:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from kushi import __version__, http1
 from kushi.accesslog import AccessRecord
 from kushi.acl import AllowList, client_address, client_key
-from kushi.config import Address, Config
+from kushi.config import Address, Config, DestinationRule
 from kushi.errors import (
     KushiError,
     RequestDenied,
@@ -161,7 +161,7 @@ def _plain(host: str) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, Address | ipaddress.IPv4Network | ipaddress.IPv6Network):
+    if isinstance(value, Address | DestinationRule | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     if is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
@@ -356,7 +356,7 @@ class Admin:
         log.info(
             "admin listener on %s: status page, /metrics, /proxy.pac, /healthz; allow %s",
             ", ".join(_sockname(s) for s in self.sockets),
-            ", ".join(self.server.config.admin_allow) or "nobody",
+            ", ".join(map(str, self.server.config.admin_allow)) or "nobody",
         )
 
     def reloaded(self, config: Config) -> None:
