@@ -95,6 +95,11 @@ class Htpasswd:
 
     @classmethod
     def load(cls, path: str, key: str = "auth_file") -> Htpasswd:
+        return cls(cls.read(path, key), path)
+
+    @staticmethod
+    def read(path: str, key: str = "auth_file") -> dict[str, bytes]:
+        """The file's users and their bcrypt digests, checked (``ConfigError`` naming ``key``)."""
         try:
             with open(path, "rb") as fh:
                 lines = fh.read().splitlines()
@@ -117,7 +122,7 @@ class Htpasswd:
             users[user.decode("utf-8", "replace")] = digest.replace(b"$2y$", b"$2b$", 1)
         if not users:
             raise ConfigError(key, f"{path}: no users")
-        return cls(users, path)
+        return users
 
     async def check(self, header: bytes | None, client: str = "") -> str | None:
         """The user name if ``header`` holds valid Basic credentials, else None.

@@ -46,6 +46,21 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
         help="address family for outgoing connections [default: prefer-ipv6]",
     )
     p.add_argument(
+        "--source",
+        action="append",
+        metavar="ADDR|PREFIX",
+        help="local address outgoing connections leave from, at most one per family "
+        "(repeatable: e.g. 203.0.113.7 and 2001:db8:1:2::/64; a prefix needs a local "
+        "route, see README) [default: the host's default address]",
+    )
+    p.add_argument(
+        "--source-rotation",
+        choices=("none", "connection", "client", "user"),
+        help="which address of a source prefix each connection uses: none (the first), "
+        "connection (a random one each), client (one per client address), user (one per "
+        "authenticated user) [default: none]",
+    )
+    p.add_argument(
         "--allow",
         action="append",
         metavar="CIDR|HOST",

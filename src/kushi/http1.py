@@ -811,13 +811,19 @@ def proxy_status(
     details: str | None = None,
     next_hop: str | None = None,
     received_status: int | None = None,
+    source: str | None = None,
 ) -> bytes:
-    """One Proxy-Status member (RFC 9209 section 2) for this proxy."""
+    """One Proxy-Status member (RFC 9209 section 2) for this proxy. ``source`` (the local
+    address the connection to the next hop left from) is kushi's own parameter, next to
+    ``next-hop``: RFC 9209 section 2 lets parameters be added, and RFC 8941 parsers keep
+    the ones they do not know."""
     parts = [name]
     if error:
         parts.append(f"error={error}")
     if next_hop:
         parts.append(f"next-hop={sf_string(next_hop)}")
+    if source:
+        parts.append(f"source={sf_string(source)}")
     if received_status is not None:
         parts.append(f"received-status={received_status}")
     if details:
