@@ -5,6 +5,7 @@ What the origin really sees is tested end to end in tests/e2e/test_source_netns.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from pathlib import Path
@@ -12,10 +13,14 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from kushi.accesslog import AccessRecord
 from kushi.config import load_config
+from kushi.connector import Connector, EgressPolicy
+from kushi.resolver import Resolver
 from kushi.errors import ConfigError
 from kushi.runtime import ListenerState
 from kushi.source import (
+    Source,
     SourcePlan,
     SourceUnusable,
     bound_socket,
@@ -108,6 +113,59 @@ def test_bound_socket_uses_freebind() -> None:
         assert sock.getsockname()[0] == "203.0.113.77"
     finally:
         sock.close()
+
+
+def test_the_connector_binds_the_source_of_the_destinations_family() -> None:
+    """Through real loopback sockets: 127.0.0.0/8 is all local, so any address of it is a
+    source; ::1 has no source configured and leaves from the default address."""
+    v4 = socket.socket(socket.AF_INET)
+    v6 = socket.socket(socket.AF_INET6)
+    v4.bind(("127.0.0.1", 0))
+    v6.bind(("::1", 0))
+    for sock in (v4, v6):
+        sock.listen(8)
+    plan = SourcePlan(v4=ipaddress.IPv4Network("127.0.0.0/8"), rotation="client")
+    connector = Connector(Resolver())
+    policy = EgressPolicy()
+
+    async def go() -> list[tuple[str, str, str]]:
+        out = []
+        for key, (host, port) in (
+            ("client 198.51.100.2", v4.getsockname()[:2]),
+            ("client 198.51.100.2", v4.getsockname()[:2]),
+            ("client 198.51.100.3", v4.getsockname()[:2]),
+            ("client 198.51.100.2", v6.getsockname()[:2]),
+        ):
+            upstream = await connector.connect(host, port, policy, source=Source(plan, key))
+            out.append((upstream.source, upstream.conn.local[0], upstream.family))
+            upstream.conn.abort()
+        return out
+
+    try:
+        (a, a_again, b, six) = asyncio.run(go())
+        peers = []
+        for _ in range(3):
+            conn, peer = v4.accept()
+            conn.close()
+            peers.append(peer[0])
+        v6.accept()[0].close()
+    finally:
+        v4.close()
+        v6.close()
+    assert a == a_again and a[0] == a[1] and a[2] == "ipv4"
+    assert ipaddress.IPv4Address(a[0]) in plan.v4  # type: ignore[operator]
+    assert b[0] != a[0]
+    assert peers == [a[0], a[0], b[0]]  # what the listening side saw
+    assert six == ("", "::1", "ipv6")  # no IPv6 source: the default, said as none
+
+
+def test_the_access_log_names_the_source() -> None:
+    record = AccessRecord(time=0.0, listener="l", mode="forward", client="198.51.100.2")
+    record.upstream, record.family, record.status = "[2001:db8:1::4]:80", "ipv6", 200
+    assert "source=" not in record.to_squid()
+    record.source = "2001:db8:1:2::1"
+    assert record.to_squid().endswith('"source=2001:db8:1:2::1"')
+    assert '"source":"2001:db8:1:2::1"' in record.to_json()
 
 
 # --- config ------------------------------------------------------------------------------
