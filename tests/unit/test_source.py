@@ -16,8 +16,8 @@ import pytest
 from kushi.accesslog import AccessRecord
 from kushi.config import load_config
 from kushi.connector import Connector, EgressPolicy
-from kushi.resolver import Resolver
 from kushi.errors import ConfigError
+from kushi.resolver import Resolver
 from kushi.runtime import ListenerState
 from kushi.source import (
     Source,
