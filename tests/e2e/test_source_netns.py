@@ -32,6 +32,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -464,3 +465,64 @@ def test_an_unusable_source_is_a_startup_error(net: Net, source: str, message: s
     proc = netns.run(net.topo.proxy, argv, timeout=30, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert proc.stderr.splitlines() == [message]
+
+
+def test_workers_agree_on_a_clients_address_and_a_bad_reload_keeps_the_source(
+    net: Net, tmp_path: Path
+) -> None:
+    """The hash key is made before the workers are forked: each worker maps a client to
+    the same address. A reload to a source that cannot be used is refused in one line
+    and the running one stays."""
+    t = net.topo
+    port = 3150
+    config = tmp_path / "kushi.toml"
+
+    def write(source: str) -> None:
+        write_toml(
+            config,
+            {
+                "listen": [f"{t.proxy_client_ip}:{port}"],
+                "allow": ["198.51.100.0/24"],
+                "source": [source],
+                "source_rotation": "client",
+                "admin_listen": [],
+                "access_log": "",
+                "workers": 2,
+                # No pooled upstream: every request opens its own connection, in
+                # whichever worker accepted it.
+                "limits": {"upstream_pool_size": 0},
+            },
+        )
+
+    write(str(PREFIX))
+    kushi = Kushi(["serve", "--config", str(config)], tmp_path, netns=t.proxy.ns)
+    try:
+        kushi.wait_ready()
+        url = f"http://{t.proxy_client_ip}:{port}"
+
+        def sources() -> set[str]:
+            out = set()
+            for _ in range(8):
+                mark = marker()
+                r = curl(net, f"http://v6.test/1k?m={mark}", proxy=url)
+                assert r.status == 200, r.stderr
+                out.add(seen(net, mark)["client"])
+            return out
+
+        before = sources()
+        assert len(before) == 1 and ipaddress.IPv6Address(next(iter(before))) in PREFIX
+        write("2001:db8:1:5::/64")
+        kushi.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while kushi.stderr.count("reload failed") < 2:  # each worker says so
+            assert time.monotonic() < deadline, kushi.stderr
+            time.sleep(0.05)
+        line = next(x for x in kushi.stderr.splitlines() if "reload failed" in x)
+        assert line.endswith(
+            "reload failed, keeping the running config: listener forward: cannot use source "
+            "2001:db8:1:5::/64: 2001:db8:1:5::1 is not routed to this host (no route: Network "
+            "is unreachable); add a local route: ip -6 route add local 2001:db8:1:5::/64 dev lo"
+        )
+        assert sources() == before
+    finally:
+        kushi.stop()
