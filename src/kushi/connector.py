@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -367,12 +368,37 @@ async def _open(addr: IPAddress, port: int, source: Source | None = None) -> Con
         addr = addr.ipv4_mapped  # leaves as IPv4, from the IPv4 source
     sock = bound_socket(src)
     try:
-        await loop.sock_connect(sock, (str(addr), port))
+        await _connect(loop, sock, (str(addr), port))
         _transport, conn = await loop.create_connection(Conn, sock=sock)
     except BaseException:
         sock.close()
         raise
     return conn
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]
+) -> None:
+    """A non-blocking connect of a socket bound beforehand: wait until it is writable and
+    read its outcome (``SO_ERROR``). (uvloop's ``sock_connect`` does the same at several
+    times the cost per connection.)"""
+    err = sock.connect_ex(address)
+    if err == errno.EINPROGRESS:
+        done: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        def writable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_writer(fd, writable)
+        try:
+            await done
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _version(addr: IPAddress) -> int:
