@@ -839,6 +839,7 @@ def render_error(
     next_hop: str | None = None,
     head_only: bool = False,
     extra_headers: Iterable[Header] = (),
+    source: str | None = None,
 ) -> bytes:
     """The one place that turns an error into a response, with its Proxy-Status."""
     reason = REASONS.get(exc.status, "Error")
@@ -852,7 +853,13 @@ def render_error(
         (b"Content-Length", str(len(body)).encode()),
         (
             b"Proxy-Status",
-            proxy_status(proxy_name, error=exc.error_type, details=exc.details, next_hop=next_hop),
+            proxy_status(
+                proxy_name,
+                error=exc.error_type,
+                details=exc.details,
+                next_hop=next_hop,
+                source=source,
+            ),
         ),
         (b"Cache-Control", b"no-store"),
     ]

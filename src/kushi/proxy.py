@@ -300,6 +300,7 @@ class HttpSession:
             next_hop=next_hop,
             head_only=req is not None and req.method == b"HEAD",
             extra_headers=extra,
+            source=self.upstream.source or None if self.upstream else None,
         )
         try:
             self.client.write(data)

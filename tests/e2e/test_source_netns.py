@@ -467,6 +467,20 @@ def test_an_unusable_source_is_a_startup_error(net: Net, source: str, message: s
     assert proc.stderr.splitlines() == [message]
 
 
+def test_config_check_finds_an_unusable_source(net: Net, tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    write_toml(good, {"source": [str(PREFIX), FIXED_V4]})
+    write_toml(bad, {"source": [str(PREFIX), "203.0.113.99"]})
+    ok = netns.run(net.topo.proxy, [*KUSHI, "config", "check", str(good)], timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    proc = netns.run(net.topo.proxy, [*KUSHI, "config", "check", str(bad)], timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "kushi: listener forward: cannot use source 203.0.113.99: not an address of this "
+        "host (unicast route)"
+    ]
+
+
 def test_workers_agree_on_a_clients_address_and_a_bad_reload_keeps_the_source(
     net: Net, tmp_path: Path
 ) -> None:
