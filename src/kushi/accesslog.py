@@ -38,6 +38,9 @@ class AccessRecord:
     content_type: str = ""
     attempts: list[str] = field(default_factory=list)
     user: str = ""
+    #: The configured source address the upstream connection left from ('' for the
+    #: host's default address).
+    source: str = ""
     connect_ms: float = 0.0  # 0 when a pooled connection was reused
     datagrams_in: int = 0  # SOCKS5 UDP ASSOCIATE: relayed from the client
     datagrams_out: int = 0  # and to it
@@ -70,6 +73,8 @@ class AccessRecord:
         extra = []
         if self.error:
             extra.append(f"error={self.error}")
+        if self.source:
+            extra.append(f"source={self.source}")
         if self.datagrams_in or self.datagrams_out:
             extra.append(f"datagrams={self.datagrams_in}/{self.datagrams_out}")
         if self.attempts:

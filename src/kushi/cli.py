@@ -46,6 +46,21 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
         help="address family for outgoing connections [default: prefer-ipv6]",
     )
     p.add_argument(
+        "--source",
+        action="append",
+        metavar="ADDR|PREFIX",
+        help="local address outgoing connections leave from, at most one per family "
+        "(repeatable: e.g. 203.0.113.7 and 2001:db8:1:2::/64; a prefix needs a local "
+        "route, see README) [default: the host's default address]",
+    )
+    p.add_argument(
+        "--source-rotation",
+        choices=("none", "connection", "client", "user"),
+        help="which address of a source prefix each connection uses: none (the first), "
+        "connection (a random one each), client (one per client address), user (one per "
+        "authenticated user) [default: none]",
+    )
+    p.add_argument(
         "--allow",
         action="append",
         metavar="CIDR|HOST",
@@ -182,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="config_command", parser_class=_Parser, metavar="{check,example,unit}"
     )
     config.set_defaults(config_usage=config.format_usage())
-    check = config_sub.add_parser("check", help="validate FILE: exit 0 if good, 2 with the problem")
+    check = config_sub.add_parser(
+        "check",
+        help="validate FILE: exit 0 if good, 2 with the problem, 1 if this host "
+        "cannot use a source address it names",
+    )
     check.add_argument("file")
     config_sub.add_parser("example", help="print the commented example config")
     config_sub.add_parser(
@@ -307,6 +326,13 @@ def config_command(args: argparse.Namespace) -> int:
         print(f"kushi: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print_warnings(config)
+    from kushi.server import StartupError, check_sources
+
+    try:
+        check_sources(config)  # what serve would refuse to start with, on this host
+    except StartupError as exc:
+        print(f"kushi: {exc}", file=sys.stderr)
+        return 1
     names = ", ".join(f"{c.name} ({c.mode})" for c in config.listeners)
     print(f"{args.file}: OK; listeners: {names}")
     return 0

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 
 from kushi.errors import ConfigError
+from kushi.source import ROTATIONS, Rotation, SourcePlan
 
 Mode = Literal["forward", "reverse", "tcp", "socks"]
 EgressPolicy = Literal["prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only"]
@@ -194,6 +195,31 @@ class Listener:
     #: The users and bcrypt hashes of ``auth_file``, read once when the config is loaded
     #: (and again on every reload).
     auth_users: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    #: Local addresses upstream connections leave from: at most one address or prefix
+    #: per family (kushi.source); a family without one uses the host's default.
+    source: tuple[IPNetwork, ...] = ()
+    source_rotation: Rotation = "none"
+
+    @property
+    def source_plan(self) -> SourcePlan:
+        return source_plan(self.source, self.source_rotation)
+
+
+@dataclass(frozen=True, slots=True)
+class UserEgress:
+    """One ``[users.NAME]`` table: what replaces the listener's egress settings for that
+    authenticated user (None: the listener's own value stands)."""
+
+    name: str
+    egress: EgressPolicy | None = None
+    source: tuple[IPNetwork, ...] | None = None
+    source_rotation: Rotation | None = None
+
+
+def source_plan(source: tuple[IPNetwork, ...], rotation: Rotation) -> SourcePlan:
+    v4 = next((n for n in source if isinstance(n, ipaddress.IPv4Network)), None)
+    v6 = next((n for n in source if isinstance(n, ipaddress.IPv6Network)), None)
+    return SourcePlan(v4=v4, v6=v6, rotation=rotation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +237,8 @@ class Config:
     #: Host names (besides this machine's own) the status page and /metrics answer to.
     admin_names: tuple[str, ...] = ()
     source: str | None = None
+    #: ``[users.NAME]`` tables: per-user egress policy and source (with authentication).
+    users: tuple[UserEgress, ...] = ()
     #: Values that are valid but suspicious, one line each (the command line prints them
     #: as warnings; nginx's "worker_connections exceed open file resource limit" kind).
     warnings: tuple[str, ...] = ()
@@ -220,6 +248,12 @@ class Config:
             if item.name == name:
                 return item
         raise KeyError(name)
+
+    def user(self, name: str) -> UserEgress | None:
+        for item in self.users:
+            if item.name == name:
+                return item
+        return None
 
 
 # Keys that may appear at the top level and in a [[listener]] table.
@@ -236,6 +270,8 @@ GLOBAL_KEYS = {
     "pac_proxy",
 }
 TABLE_KEYS = {"timeouts": Timeouts, "limits": Limits}
+#: Keys a ``[users.NAME]`` table may set.
+USER_KEYS = ("egress", "source", "source_rotation")
 
 
 def _str(key: str, value: Any) -> str:
@@ -458,7 +494,32 @@ def _listener_value(key: str, value: Any) -> Any:
         return _str(key, value) or None
     if key == "auth_combine":
         return _choice(key, value, ("both", "either"))
+    if key == "source":
+        return _sources(key, value)
+    if key == "source_rotation":
+        return _choice(key, value, ROTATIONS)
     raise ConfigError(key, "unknown key")  # pragma: no cover - callers check the key set
+
+
+def _sources(key: str, value: Any) -> tuple[IPNetwork, ...]:
+    """At most one unicast address or prefix per family: ``["203.0.113.7",
+    "2001:db8:1:2::/64"]``."""
+    nets: list[IPNetwork] = []
+    for text in _str_list(key, value):
+        net = parse_network(key, text)
+        first = net.network_address
+        if first.is_unspecified or first.is_multicast or net.prefixlen == 0:
+            raise ConfigError(key, f"{text!r} is not a unicast address or prefix")
+        if first.is_link_local:
+            raise ConfigError(
+                key, f"{text!r}: a link-local source needs an interface; not supported"
+            )
+        if any(other.version == net.version for other in nets):
+            raise ConfigError(
+                key, f"{text!r}: at most one IPv{net.version} address or prefix per listener"
+            )
+        nets.append(net)
+    return tuple(nets)
 
 
 def _check_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> None:
@@ -517,6 +578,11 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
             "proxy_protocol = true needs the trusted load balancers' addresses",
         )
     _check_dead_denials(name, listener)
+    if listener.source_rotation == "user" and listener.auth_file is None:
+        raise ConfigError(
+            f"listener {name}: source_rotation",
+            "user needs authentication (auth_file): there is no user to key on",
+        )
     return listener
 
 
@@ -681,7 +747,7 @@ def load_config(
     data: dict[str, Any] = read_file(path) if path else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     for key in data:
-        if key not in LISTENER_KEYS | GLOBAL_KEYS | set(TABLE_KEYS) | {"listener"}:
+        if key not in LISTENER_KEYS | GLOBAL_KEYS | set(TABLE_KEYS) | {"listener", "users"}:
             raise ConfigError(key, "unknown key")
 
     top: dict[str, Any] = {}
@@ -750,7 +816,47 @@ def load_config(
     if config.admin_listen:
         _check_admin(config)
     _check_addresses(config)
-    return replace(config, warnings=_warnings(config))
+    users, user_warnings = _users(data.get("users", {}), config.listeners)
+    config = replace(config, users=users)
+    return replace(config, warnings=_warnings(config) + user_warnings)
+
+
+def _users(
+    tables: Any, listeners: tuple[Listener, ...]
+) -> tuple[tuple[UserEgress, ...], tuple[str, ...]]:
+    """``[users.NAME]`` tables. A name that no listener's htpasswd file knows is a warning,
+    not an error: the file is edited on its own (and re-read on reload), so the two may
+    briefly disagree; the table simply applies once the user can log in."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError("users", "expected [users.NAME] tables")
+    if not tables:
+        return (), ()
+    files = [c.auth_file for c in listeners if c.auth_file is not None]
+    if not files:
+        name = next(iter(tables))
+        raise ConfigError(
+            f"users.{name}", "per-user settings need authentication (auth_file) on a listener"
+        )
+    known = {user for c in listeners for user, _ in c.auth_users}
+    out = []
+    warnings = []
+    for name, table in tables.items():
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            where = f"users.{name}.{key}"
+            if key not in USER_KEYS:
+                raise ConfigError(where, f"unknown key (a user table sets {', '.join(USER_KEYS)})")
+            try:
+                values[key] = _listener_value(key, value)
+            except ConfigError as exc:
+                raise ConfigError(where, exc.problem) from None
+        out.append(UserEgress(name=name, **values))
+        if name not in known:
+            warnings.append(
+                f"users.{name}: no such user in {', '.join(dict.fromkeys(files))}; "
+                "the table applies once that user exists"
+            )
+    return tuple(out), tuple(warnings)
 
 
 #: Keys of [timeouts] and [limits] for which 0 means something (no pool, connect all

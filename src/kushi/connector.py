@@ -8,6 +8,11 @@ policy and races them Happy Eyeballs style (RFC 8305 section 5: a new attempt ev
 Connection Attempt Delay, 250 ms by default, or as soon as the previous one fails). It
 returns the connection together with the address actually used and a record of every
 attempt, which flow on into ``Proxy-Status``, the access log and the metrics.
+
+A ``Source`` (kushi.source) says which local address each attempt binds to, per family of
+the destination: an attempt to an IPv6 (or NAT64) address binds the IPv6 source, one to an
+IPv4 address the IPv4 source, and a family without a source leaves from the default
+address. The source actually bound is in ``Upstream.source``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +38,7 @@ from kushi.errors import (
 )
 from kushi.netio import Conn, fmt_addr
 from kushi.resolver import IPAddress, Resolver, ip_literal
+from kushi.source import Source, bound_socket
 
 Family = Literal["ipv4", "ipv6", "nat64"]
 
@@ -80,6 +87,8 @@ class Upstream:
     connect_time: float
     #: Proxy-Status values by received status, built once per connection.
     proxy_status: dict[int | None, bytes] = field(default_factory=dict)
+    #: The configured source address this connection left from ('' for the default).
+    source: str = ""
 
     @property
     def next_hop(self) -> str:
@@ -170,11 +179,12 @@ class Connector:
         port: int,
         policy: EgressPolicy,
         check: DestinationCheck | None = None,
+        source: Source | None = None,
     ) -> Upstream:
         """Resolve, order by ``policy``, drop what ``check`` (and the connector's own check)
-        refuses, and race the rest."""
+        refuses, and race the rest (each attempt from ``source``'s address of its family)."""
         candidates = await self.candidates(host, port, policy, check)
-        return await self.race(host, port, candidates, policy)
+        return await self.race(host, port, candidates, policy, source)
 
     async def candidates(
         self,
@@ -219,8 +229,24 @@ class Connector:
         port: int,
         candidates: list[tuple[IPAddress, Family]],
         policy: EgressPolicy,
+        source: Source | None = None,
     ) -> Upstream:
         """RFC 8305 section 5: staggered attempts; the first to connect wins."""
+        upstream = await self._race(host, port, candidates, policy, source)
+        if source is not None:
+            addr = ip_literal(upstream.address)
+            if addr is not None and source.plan.covers(_version(addr)):
+                upstream.source = upstream.conn.local[0]
+        return upstream
+
+    async def _race(
+        self,
+        host: str,
+        port: int,
+        candidates: list[tuple[IPAddress, Family]],
+        policy: EgressPolicy,
+        source: Source | None,
+    ) -> Upstream:
         start = self.clock()
         attempts: list[Attempt] = []
         if len(candidates) == 1:
@@ -229,7 +255,7 @@ class Connector:
             addr, fam = candidates[0]
             try:
                 async with asyncio.timeout(policy.connect_timeout):
-                    conn = await _open(addr, port)
+                    conn = await _open(addr, port, source)
             except Exception as error:  # noqa: BLE001 - classified like a raced attempt's
                 attempts.append(_failed(addr, port, fam, self.clock() - start, error))
                 return self._fail(host, port, attempts, policy)
@@ -241,7 +267,7 @@ class Connector:
 
         def launch() -> None:
             addr, fam = queue.pop(0)
-            task = asyncio.ensure_future(_open(addr, port))
+            task = asyncio.ensure_future(_open(addr, port, source))
             running[task] = (addr, fam, self.clock())
 
         launch()
@@ -329,12 +355,64 @@ def _failed(addr: IPAddress, port: int, fam: Family, elapsed: float, exc: BaseEx
     return Attempt(str(addr), port, fam, "error", elapsed, reason)
 
 
-async def _open(addr: IPAddress, port: int) -> Conn:
-    """One TCP connection to an address (a literal: nothing is resolved here)."""
+async def _open(addr: IPAddress, port: int, source: Source | None = None) -> Conn:
+    """One TCP connection to an address (a literal: nothing is resolved here), from the
+    source address of its family when ``source`` has one."""
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    _transport, conn = await loop.create_connection(Conn, str(addr), port, family=family)
+    src = source.address(_version(addr)) if source is not None else None
+    if src is None:
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        _transport, conn = await loop.create_connection(Conn, str(addr), port, family=family)
+        return conn
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # leaves as IPv4, from the IPv4 source
+    sock = bound_socket(src)
+    try:
+        await _connect(loop, sock, (str(addr), port))
+        _transport, conn = await loop.create_connection(Conn, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return conn
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]
+) -> None:
+    """A non-blocking connect of a socket bound beforehand: wait until it is writable and
+    read its outcome (``SO_ERROR``). (uvloop's ``sock_connect`` does the same at several
+    times the cost per connection.)"""
+    err = sock.connect_ex(address)
+    if err == errno.EINPROGRESS:
+        done: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        def writable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_writer(fd, writable)
+        try:
+            await done
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _version(addr: IPAddress) -> int:
+    """The IP version a connection to ``addr`` really uses (IPv4-mapped: 4)."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return 4
+    return addr.version
+
+
+def datagram_socket(version: int, source: Source | None) -> socket.socket | None:
+    """A UDP socket bound to ``source``'s address of ``version`` (SOCKS5 UDP ASSOCIATE's
+    outgoing socket), or None when that family has no source."""
+    src = source.address(version) if source is not None else None
+    return bound_socket(src, socket.SOCK_DGRAM) if src is not None else None
 
 
 def describe_fallbacks(upstream: Upstream) -> str:
@@ -351,6 +429,7 @@ __all__ = [
     "KushiError",
     "Upstream",
     "classify",
+    "datagram_socket",
     "describe_fallbacks",
     "order_addresses",
 ]

@@ -811,13 +811,19 @@ def proxy_status(
     details: str | None = None,
     next_hop: str | None = None,
     received_status: int | None = None,
+    source: str | None = None,
 ) -> bytes:
-    """One Proxy-Status member (RFC 9209 section 2) for this proxy."""
+    """One Proxy-Status member (RFC 9209 section 2) for this proxy. ``source`` (the local
+    address the connection to the next hop left from) is kushi's own parameter, next to
+    ``next-hop``: RFC 9209 section 2 lets parameters be added, and RFC 8941 parsers keep
+    the ones they do not know."""
     parts = [name]
     if error:
         parts.append(f"error={error}")
     if next_hop:
         parts.append(f"next-hop={sf_string(next_hop)}")
+    if source:
+        parts.append(f"source={sf_string(source)}")
     if received_status is not None:
         parts.append(f"received-status={received_status}")
     if details:
@@ -833,6 +839,7 @@ def render_error(
     next_hop: str | None = None,
     head_only: bool = False,
     extra_headers: Iterable[Header] = (),
+    source: str | None = None,
 ) -> bytes:
     """The one place that turns an error into a response, with its Proxy-Status."""
     reason = REASONS.get(exc.status, "Error")
@@ -846,7 +853,13 @@ def render_error(
         (b"Content-Length", str(len(body)).encode()),
         (
             b"Proxy-Status",
-            proxy_status(proxy_name, error=exc.error_type, details=exc.details, next_hop=next_hop),
+            proxy_status(
+                proxy_name,
+                error=exc.error_type,
+                details=exc.details,
+                next_hop=next_hop,
+                source=source,
+            ),
         ),
         (b"Cache-Control", b"no-store"),
     ]

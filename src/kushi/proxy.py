@@ -52,7 +52,7 @@ from kushi.routing import (
     seen_via,
     upstream_request_headers,
 )
-from kushi.runtime import ListenerState, Services
+from kushi.runtime import EgressChoice, ListenerState, Services
 
 log = logging.getLogger("kushi.proxy")
 PROXY_NAME = "kushi"
@@ -71,6 +71,8 @@ class Route:
     host_header: bytes
     path: bytes
     pool_key: tuple[object, ...]
+    #: The policy and source address this request leaves with (part of ``pool_key``).
+    egress: EgressChoice
 
 
 async def read_head(
@@ -298,6 +300,7 @@ class HttpSession:
             next_hop=next_hop,
             head_only=req is not None and req.method == b"HEAD",
             extra_headers=extra,
+            source=self.upstream.source or None if self.upstream else None,
         )
         try:
             self.client.write(data)
@@ -331,12 +334,14 @@ class HttpSession:
                 # Squid's Safe_ports: HTTP sent to a mail or database port is an attack on
                 # that service (cross-protocol), whoever the client is.
                 raise RequestDenied(f"plain HTTP to port {target.port} is not allowed (http_ports)")
+            egress = state.egress(self.info.address, record.user, self.serial)
             route = Route(
                 host=target.host,
                 port=target.port,
                 host_header=target.authority.encode("ascii"),
                 path=target.path,
-                pool_key=("fwd", target.host, target.port, state.pool_tag),
+                pool_key=("fwd", target.host, target.port, egress.pool_tag),
+                egress=egress,
             )
             return await self.forward(req, route, state, record, reverse=None)
         # reverse
@@ -369,10 +374,11 @@ class HttpSession:
     ) -> bool:
         host_header = req.get(b"host") or b""
         last_error: KushiError | None = None
+        egress = state.egress(self.info.address, record.user, self.serial)
         for backend in state.backends.candidates():
             if not state.cfg.preserve_host or not host_header:
                 host_header = str(backend).encode() if backend.port != 80 else backend.host.encode()
-            key: tuple[object, ...] = ("rev", backend.host, backend.port, state.pool_tag)
+            key: tuple[object, ...] = ("rev", backend.host, backend.port, egress.pool_tag)
             if state.cfg.backend_proxy_protocol:
                 # The PROXY header names one client: never share that connection.
                 key = (*key, self.serial)
@@ -383,6 +389,7 @@ class HttpSession:
                 host_header,
                 target.path,
                 key,
+                egress,
             )
             try:
                 keep = await self.forward(req, route, state, record, reverse=self.info)
@@ -405,7 +412,7 @@ class HttpSession:
                 return upstream, True
             upstream.conn.abort()
         upstream = await self.services.connector.connect(
-            route.host, route.port, state.policy, state.destinations
+            route.host, route.port, route.egress.policy, state.destinations, route.egress.source
         )
         if state.cfg.mode != "forward" and state.cfg.backend_proxy_protocol:
             upstream.conn.write(
@@ -466,6 +473,7 @@ class HttpSession:
             self._current_key = route.pool_key
             record.upstream = upstream.next_hop
             record.family = upstream.family
+            record.source = upstream.source
             # A pooled connection's attempts belong to the request that opened it.
             record.attempts = [] if reused else [a.describe() for a in upstream.fallbacks]
             record.connect_ms = 0.0 if reused else round(upstream.connect_time * 1000, 3)
@@ -680,7 +688,11 @@ class HttpSession:
         if upstream.fallbacks:
             details = f"{upstream.family}; {describe_fallbacks(upstream)}"
         value = http1.proxy_status(
-            PROXY_NAME, next_hop=upstream.next_hop, received_status=status, details=details
+            PROXY_NAME,
+            next_hop=upstream.next_hop,
+            received_status=status,
+            details=details,
+            source=upstream.source or None,
         )
         upstream.proxy_status[status] = value
         return value

@@ -20,20 +20,22 @@ from typing import Literal, Protocol
 from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy, forwards_by_client_choice, local_addresses
 from kushi.auth import Htpasswd
-from kushi.config import PROXY_MODES, Config, Listener, parse_hostport
+from kushi.config import PROXY_MODES, Config, Listener, parse_hostport, source_plan
+from kushi.config import EgressPolicy as EgressMode
 from kushi.connector import Connector, EgressPolicy, Upstream
 from kushi.errors import DestinationUnavailable, LoopDetected, RequestDenied
 from kushi.netio import Conn
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Resolver, ip_literal
+from kushi.source import Source, SourcePlan
 from kushi.tunnel import relay
 
 log = logging.getLogger("kushi")
 
 
-def egress_policy(cfg: Listener, config: Config) -> EgressPolicy:
+def egress_policy(cfg: Listener, config: Config, mode: EgressMode | None = None) -> EgressPolicy:
     return EgressPolicy(
-        mode=cfg.egress,
+        mode=cfg.egress if mode is None else mode,
         nat64=cfg.nat64,
         nat64_prefixes=cfg.nat64_prefixes,
         attempt_delay=config.timeouts.happy_eyeballs_delay,
@@ -86,6 +88,26 @@ class BackendSet:
         backend.down_until = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Egress:
+    """How one group of requests leaves: the listener's settings, or a ``[users.NAME]``
+    table's in their place (``tag`` tells the groups apart in the pool key)."""
+
+    policy: EgressPolicy
+    sources: SourcePlan
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class EgressChoice:
+    """The egress of one request: its policy, its source (None: the default addresses)
+    and the pool key part that keeps its connections apart from other sources'."""
+
+    policy: EgressPolicy
+    source: Source | None
+    pool_tag: object
+
+
 #: Numbers every ListenerState built (start and each reload): part of the pool key, so a
 #: connection pooled under one listener's rules is never handed out under another's.
 _GENERATION = itertools.count(1)
@@ -110,6 +132,22 @@ class ListenerState:
         # Pooled connections are shared only within one listener and one build of its
         # rules (a reload starts a new generation); a string, so its hash is cached.
         self.pool_tag = f"{cfg.name}#{next(_GENERATION)}#{self.policy!r}"
+        self.sources = cfg.source_plan
+        self._plain = EgressChoice(self.policy, None, self.pool_tag)
+        self._default = Egress(self.policy, self.sources, self.pool_tag)
+        # [users.NAME]: each key a user's table sets replaces the listener's own.
+        self._users: dict[str, Egress] = {}
+        if cfg.auth_file is not None:
+            for user in config.users:
+                policy = egress_policy(cfg, config, user.egress)
+                plan = self.sources
+                if user.source is not None or user.source_rotation is not None:
+                    plan = source_plan(
+                        cfg.source if user.source is None else user.source,
+                        user.source_rotation or cfg.source_rotation,
+                    )
+                tag = f"{self.pool_tag}#user={user.name}#{policy!r}"
+                self._users[user.name] = Egress(policy, plan, tag)
         self.access_log = AccessLog(cfg.access_log, cfg.access_log_format)
         self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
         self.trusted = cfg.trusted_proxies
@@ -128,6 +166,24 @@ class ListenerState:
             if forwards_by_client_choice(cfg.mode)
             else None
         )
+
+    def egress(self, client: str, user: str = "", session: int = 0) -> EgressChoice:
+        """The egress of a request from ``client`` (an address) as ``user`` ('' when not
+        authenticated) on client connection number ``session``."""
+        if not self._users and not self.sources:
+            return self._plain
+        group = self._users.get(user, self._default) if user else self._default
+        plan = group.sources
+        if not plan:
+            return EgressChoice(group.policy, None, group.tag)
+        key = plan.key_for(client, user, session)
+        return EgressChoice(
+            group.policy, Source(plan, key), (group.tag, plan.pool_key(client, user, session))
+        )
+
+    def user_egress(self, user: str) -> Egress:
+        """The egress settings ``user`` gets here (the listener's when no table names it)."""
+        return self._users.get(user, self._default)
 
     def admission(self, allowed: bool) -> Literal["deny", "admit", "password"]:
         """What a client needs, given whether the allow list admits it: ``auth_combine``
@@ -238,8 +294,12 @@ class Services:
         if port not in state.cfg.connect_ports:
             allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
             raise RequestDenied(f"{what} to port {port} is not allowed (allowed: {allowed})")
-        upstream = await self.connector.connect(host, port, state.policy, state.destinations)
+        egress = state.egress(record.client, record.user)
+        upstream = await self.connector.connect(
+            host, port, egress.policy, state.destinations, egress.source
+        )
         record.upstream = upstream.next_hop
+        record.source = upstream.source
         record.family = upstream.family
         record.attempts = [a.describe() for a in upstream.fallbacks]
         record.connect_ms = round(upstream.connect_time * 1000, 3)

@@ -50,6 +50,7 @@ from kushi.routing import ClientInfo
 from kushi.runtime import ListenerState, Services
 from kushi.socks5 import VERSION as SOCKS_VERSION
 from kushi.socksmode import serve_socks
+from kushi.source import SourceUnusable, check_usable
 from kushi.tcpmode import serve_tcp
 
 log = logging.getLogger("kushi")
@@ -99,6 +100,23 @@ def bind(addr: Address, backlog: int = 1024) -> socket.socket:
     return sock
 
 
+def check_sources(config: Config) -> None:
+    """Every configured source address or prefix is delivered to this host (an address
+    of it, or inside a ``local`` route): otherwise kushi does not start (one line naming
+    it, exit 1) rather than fail each connection from it later."""
+    checks = [
+        (f"listener {c.name}: cannot use source", n) for c in config.listeners for n in c.source
+    ]
+    checks += [
+        (f"users.{u.name}: cannot use source", n) for u in config.users for n in u.source or ()
+    ]
+    for what, net in checks:
+        try:
+            check_usable(net, what)
+        except SourceUnusable as exc:
+            raise StartupError(str(exc)) from None
+
+
 def close_listening(sockets: dict[str, list[socket.socket]]) -> None:
     """Close this process's copies of the listening sockets (the kernel stops accepting
     once every process holding one has closed it)."""
@@ -123,6 +141,8 @@ def bind_all(config: Config) -> dict[str, list[socket.socket]]:
 def describe_listener(cfg: Listener, socks: list[socket.socket]) -> str:
     addrs = ", ".join(_sockname(s) for s in socks)
     parts = [f"{cfg.mode} listener {cfg.name!r} on {addrs}", f"egress {cfg.egress}"]
+    if cfg.source:
+        parts.append(f"source {cfg.source_plan.describe()}")
     allow = ", ".join(map(str, cfg.allow)) or "nobody"
     parts.append(f"allow {allow}" + (" (open)" if cfg.open else ""))
     if cfg.mode in ("forward", "socks"):
@@ -385,6 +405,11 @@ class Server:
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return False
+        try:
+            check_sources(new)
+        except StartupError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return False
         old_listen = {c.name: c.listen for c in self.config.listeners}
         new_listen = {c.name: c.listen for c in new.listeners}
         if old_listen != new_listen:
@@ -540,6 +565,7 @@ def serve(
     before the workers are up."""
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
     raise_fd_limit()
+    check_sources(config)
     sockets = bind_all(config)
     loop_name = install_event_loop()
     pseudonym = Services.build(config).pseudonym

@@ -16,13 +16,16 @@ only (and from one port: the one the request named, else the first one used); ea
 destination goes through the same egress order and destination policy as a CONNECT
 (``Connector.datagram_target``). Answers are relayed back only from the addresses the
 client sent to. The association ends when its TCP connection does, or after
-``timeouts.tunnel_idle`` without a datagram.
+``timeouts.tunnel_idle`` without a datagram. Its outgoing socket of each family is bound
+to the listener's (or the user's) source address of that family, chosen once per
+association (so ``source_rotation = connection`` gives each association its own).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
@@ -30,6 +33,7 @@ from collections.abc import Callable
 
 from kushi.accesslog import AccessRecord
 from kushi.acl import client_address, client_key
+from kushi.connector import datagram_socket
 from kushi.errors import (
     AuthRateLimited,
     KushiError,
@@ -264,6 +268,8 @@ class UdpAssociation:
         self.last_drop = ""
         self.last_activity = 0.0
         self.worker: asyncio.Task[None] | None = None
+        self.egress = session.state.egress(session.info.address, session.record.user)
+        self.sources: dict[int, str] = {}
 
     async def run(self) -> None:
         session, record = self.session, self.record
@@ -336,7 +342,7 @@ class UdpAssociation:
                     self.drop("a fragment (FRAG != 0; kushi does not reassemble)")
                     continue
                 addr, family = await connector.datagram_target(
-                    datagram.host, datagram.port, state.policy, state.destinations
+                    datagram.host, datagram.port, self.egress.policy, state.destinations
                 )
             except KushiError as exc:
                 self.drop(f"{exc.error_type}: {exc.details}")
@@ -351,6 +357,7 @@ class UdpAssociation:
                 record.target = fmt_addr(datagram.host, datagram.port)
                 record.upstream = fmt_addr(str(addr), datagram.port)
                 record.family = family
+                record.source = self.sources.get(addr.version, "")
 
     async def _outgoing(self, addr: IPAddress) -> asyncio.DatagramTransport:
         """One socket per IP version (NAT64 addresses are IPv6 too), opened on first use."""
@@ -358,11 +365,20 @@ class UdpAssociation:
         if transport is None:
             loop = self.session.client.loop
             v6 = addr.version == 6
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Endpoint(self.from_remote),
-                local_addr=("::" if v6 else "0.0.0.0", 0),
-                family=socket.AF_INET6 if v6 else socket.AF_INET,
-            )
+            # (An IPv4-mapped destination goes through a dual-stack socket, unbound.)
+            mapped = isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None
+            sock = None if mapped else datagram_socket(addr.version, self.egress.source)
+            if sock is not None:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Endpoint(self.from_remote), sock=sock
+                )
+                self.sources[addr.version] = str(transport.get_extra_info("sockname")[0])
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Endpoint(self.from_remote),
+                    local_addr=("::" if v6 else "0.0.0.0", 0),
+                    family=socket.AF_INET6 if v6 else socket.AF_INET,
+                )
             self.outgoing[addr.version] = transport
         return transport
 

@@ -33,11 +33,12 @@ async def serve_tcp(
     try:
         upstream = None
         last: KushiError | None = None
+        egress = state.egress(info.address)
         for backend in state.backends.candidates():
             record.target = str(backend)
             try:
                 upstream = await services.connector.connect(
-                    backend.host, backend.port, state.policy
+                    backend.host, backend.port, egress.policy, source=egress.source
                 )
             except (ConnectionRefused, ConnectionTimeout, DestinationUnroutable) as exc:
                 state.backends.mark_down(backend)
@@ -50,6 +51,7 @@ async def serve_tcp(
             raise last
         record.upstream = upstream.next_hop
         record.family = upstream.family
+        record.source = upstream.source
         record.attempts = [a.describe() for a in upstream.fallbacks]
         record.connect_ms = round(upstream.connect_time * 1000, 3)
         if state.cfg.backend_proxy_protocol:

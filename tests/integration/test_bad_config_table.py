@@ -226,20 +226,24 @@ def test_reload_with_an_unwritable_log_is_one_line_and_keeps_serving(
 
 
 def test_check_json_into_a_closed_pipe_exits_quietly(origin_factory: OriginFactory) -> None:
-    """``kushi check --json URL | head -c 1``: the reader goes away; kushi says nothing and
-    exits 141 (128 + SIGPIPE) like a Unix tool stopped by the same pipe."""
+    """``kushi check --json URL | head -c 0``: the reader is gone before kushi writes; kushi
+    says nothing and exits 141 (128 + SIGPIPE) like a Unix tool stopped by the same pipe.
+    (The read end is closed before kushi starts, so its write always finds no reader.)"""
     origin = origin_factory(["[::1]:0"])
-    with subprocess.Popen(
-        [*KUSHI, "check", "--json", "--no-ipv4", f"http://[::1]:{origin.port}/1k"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    ) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        assert proc.stdout.read(1) == b"{"
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        code = proc.wait(timeout=20)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with subprocess.Popen(
+            [*KUSHI, "check", "--json", "--no-ipv4", f"http://[::1]:{origin.port}/1k"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        ) as proc:
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+            code = proc.wait(timeout=20)
+    finally:
+        os.close(write_end)
     assert (code, err) == (141, "")
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 EXAMPLE = files("kushi").joinpath("example.toml")
 TEXT = EXAMPLE.read_text(encoding="utf-8")
 #: Config fields that are not keys of the file.
-NOT_KEYS = {"listeners", "source", "warnings"} | DERIVED_KEYS
+NOT_KEYS = {"listeners", "source", "warnings", "users"} | DERIVED_KEYS
 
 
 def example_path(tmp_path: Path, text: str = TEXT) -> str:
@@ -47,6 +47,7 @@ def test_every_key_appears() -> None:
         missing = {f.name for f in fields(cls)} - NOT_KEYS - {"timeouts", "limits"} - keys
         assert not missing, f"{cls.__name__} keys missing from example.toml: {sorted(missing)}"
     assert "[timeouts]" in TEXT and "[limits]" in TEXT and "# [[listener]]" in TEXT
+    assert "# source = [" in TEXT and "# [users.alice]" in TEXT
 
 
 def test_the_example_states_the_defaults(tmp_path: Path) -> None:

@@ -215,6 +215,7 @@ def record_view(record: AccessRecord, worker: int | None = None) -> dict[str, An
         "status": record.status,
         "upstream": record.upstream,
         "family": record.family,
+        "source": record.source,
         "duration_ms": round(record.duration * 1000, 1),
         "bytes_out": record.bytes_out,
         "error": record.error,

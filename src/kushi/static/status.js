@@ -185,7 +185,7 @@ function drawRecent(s) {
       el("td", { class: "opt" }, r.method),
       el("td", { class: "target", title: r.target }, r.target),
       el("td", {}, status),
-      el("td", { class: "opt", title: r.attempts.length ? "fallback: " + r.attempts.join("; ") : null }, hop),
+      el("td", { class: "opt", title: r.attempts.length ? "fallback: " + r.attempts.join("; ") : null, "data-source": r.source || null }, r.source ? `${hop} from ${r.source}` : hop),
       el("td", {}, el("span", { class: "fam " + family }, FAMILY_NAMES[family] || family)),
     );
     body.append(row);
