@@ -182,6 +182,10 @@ class Listener:
     upgrade_protocols: frozenset[str] = frozenset({"websocket"})
     auth_file: str | None = None
     auth_combine: Literal["both", "either"] = "both"
+    #: TLS on this listener (forward and reverse): the certificate chain and its key,
+    #: PEM files, re-read on every reload (``kushi.tls``).
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +432,8 @@ def _listener_value(key: str, value: Any) -> Any:
         return _str(key, value) or None
     if key == "auth_combine":
         return _choice(key, value, ("both", "either"))
+    if key in ("tls_cert", "tls_key"):
+        return _str(key, value) or None
     raise ConfigError(key, "unknown key")  # pragma: no cover - callers check the key set
 
 
@@ -488,7 +494,37 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
             "proxy_protocol = true needs the trusted load balancers' addresses",
         )
     _check_dead_denials(name, listener)
+    _check_tls(name, listener)
     return listener
+
+
+#: Modes that can terminate TLS: both serve HTTP, which is what runs inside it.
+TLS_MODES = ("forward", "reverse")
+
+
+def _check_tls(name: str, listener: Listener) -> None:
+    """Both files or neither, on a forward or reverse listener, without the PROXY protocol
+    (its header would come before the handshake, in clear text: not supported); the
+    files are loaded once here so a bad one is a config error naming it."""
+    if listener.tls_cert is None and listener.tls_key is None:
+        return
+    if listener.tls_cert is None or listener.tls_key is None:
+        missing = "tls_cert" if listener.tls_cert is None else "tls_key"
+        other = "tls_key" if missing == "tls_cert" else "tls_cert"
+        raise ConfigError(f"listener {name}: {missing}", f"{other} needs {missing} too")
+    if listener.mode not in TLS_MODES:
+        raise ConfigError(
+            f"listener {name}: tls_cert",
+            f"a {listener.mode} listener cannot terminate TLS (forward and reverse can)",
+        )
+    if listener.proxy_protocol:
+        raise ConfigError(
+            f"listener {name}: proxy_protocol",
+            "cannot be combined with tls_cert: a TLS listener does not read PROXY headers",
+        )
+    from kushi.tls import server_context
+
+    server_context(listener.tls_cert, listener.tls_key, f"listener {name}: ")
 
 
 def _check_dead_denials(name: str, listener: Listener) -> None:

@@ -12,6 +12,7 @@ import collections
 import itertools
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from kushi.errors import DestinationUnavailable, LoopDetected, RequestDenied
 from kushi.netio import Conn
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Resolver, ip_literal
+from kushi.tls import server_context
 from kushi.tunnel import relay
 
 log = logging.getLogger("kushi")
@@ -115,6 +117,13 @@ class ListenerState:
         self.trusted = cfg.trusted_proxies
         self.proxy_protocol_from = cfg.proxy_protocol_from
         self.auth = Htpasswd.load(cfg.auth_file) if cfg.auth_file else None
+        #: The TLS context of this build: a reload loads the files again, so handshakes
+        #: from then on present the renewed certificate (kushi.tls).
+        self.tls: ssl.SSLContext | None = (
+            server_context(cfg.tls_cert, cfg.tls_key, f"listener {cfg.name}: ")
+            if cfg.tls_cert and cfg.tls_key
+            else None
+        )
         # Only forward and SOCKS listeners connect where their clients say; reverse and
         # TCP backends are the owner's own choice.
         self.destinations: DestinationPolicy | None = (
