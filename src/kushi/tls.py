@@ -9,8 +9,8 @@ host:port``) or a reverse proxy that terminates TLS in front of a plain-HTTP bac
   reload (SIGHUP), so a renewed certificate reaches the next handshake while connections
   already open keep the context they were accepted with. A reload whose files are bad
   keeps the running context (the reload fails as a whole, in one log line).
-- **TLS 1.2 or later, ALPN ``http/1.1``** (RFC 7301): kushi speaks HTTP/1.1 only, so a
-  client offering ``h2`` alone is refused in the handshake rather than confused after it.
+- **TLS 1.2 or later, ALPN ``http/1.1``** (RFC 7301): kushi speaks HTTP/1.1 only; a
+  client offering ``h2`` alone gets no protocol selected, so it knows before it sends.
 - **Files checked at load.** A missing or unreadable file, a file without a certificate
   or a key, a key protected by a passphrase and a key that does not belong to the
   certificate are each a ``ConfigError`` naming the file (exit 2, or a failed reload).
