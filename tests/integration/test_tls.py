@@ -348,6 +348,22 @@ def test_plain_text_on_the_tls_port_is_never_forwarded(
     assert len(tls_errors) == 2, records
     assert all(r["error"] == "tls_protocol_error" for r in tls_errors)
     assert origin.requests() == []
+    # A real client for comparison: the status page says it came over TLS.
+    ok = curl(
+        "-x",
+        f"https://localhost:{port}",
+        "--proxy-cacert",
+        str(tls_ca.ca_pem),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        origin.url("/1k"),
+    )
+    assert ok.stdout == "200", ok.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/api/status", timeout=5) as resp:
+        recent = json.loads(resp.read())["recent"]
+    assert [r["tls"][:6] for r in recent if r["method"] == "GET"] == ["TLSv1."]
     metrics = scrape(admin)
     assert (
         'kushi_tls_handshake_failures_total{listener="forward",mode="forward",reason="failed"} 2.0'
