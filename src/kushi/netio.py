@@ -61,6 +61,8 @@ class Conn(asyncio.Protocol):
         self._handshaking = False
         #: The TLS version of a connection accepted over TLS ("TLSv1.3"), else "".
         self.tls_version = ""
+        #: Encrypted bytes received on it (``bytes_in`` counts the plaintext).
+        self.tls_bytes_in = 0
         #: The peer reset the connection (or it failed), as opposed to a close.
         self.reset = False
         self._closed: asyncio.Future[None] | None = None
@@ -91,6 +93,7 @@ class Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._ssl is not None:
+            self.tls_bytes_in += len(data)
             self._ssl_in.write(data)
             if self._handshaking:
                 self._wake()
@@ -325,6 +328,7 @@ class Conn(asyncio.Protocol):
         self._ssl = context.wrap_bio(self._ssl_in, self._ssl_out, server_side=True)
         self._handshaking = True
         if self.buf:
+            self.tls_bytes_in += len(self.buf)
             self._ssl_in.write(bytes(self.buf))
             self.buf.clear()
         if self.at_eof:

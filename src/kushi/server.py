@@ -321,10 +321,11 @@ class Server:
             exc = TLSHandshakeTimeout(
                 f"no TLS handshake within timeouts.header_read ({timeout:g} s)"
             )
-        except ssl.SSLError as err:
-            exc = TLSHandshakeError(f"TLS handshake failed: {err.reason or err}")
-        except (ConnectionError, OSError) as err:
-            exc = TLSHandshakeError(f"TLS handshake failed: {err.strerror or err}")
+        except OSError as err:  # (ssl.SSLError is one)
+            if not client.tls_bytes_in:
+                return None  # closed before its first byte: a health check or a port scan
+            reason = err.reason if isinstance(err, ssl.SSLError) else err.strerror
+            exc = TLSHandshakeError(f"TLS handshake failed: {reason or err}")
         finally:
             self.services.idle.discard(waiting)
         self.services.record(

@@ -330,6 +330,8 @@ def test_plain_text_on_the_tls_port_is_never_forwarded(
             f"127.0.0.1:{admin}",
         ]
     )
+    # A port check (connect, close, nothing sent) is no handshake failure: not logged.
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
     for data in (
         f"GET {origin.url('/1k')} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(),
         os.urandom(600),
