@@ -2,14 +2,15 @@
 
 One ``Server`` per process serves every configured listener. Sockets are bound once (in
 the parent when ``workers > 1``, then inherited by each worker process), so all modes
-share one accept path: connection limits, the PROXY protocol header, the allow list, then
-the mode's handler (``proxy.HttpSession`` for forward and reverse, ``tcpmode.serve_tcp``).
+share one accept path: connection limits, the PROXY protocol header (or, on a TLS
+listener, the TLS handshake: ``kushi.tls``), the allow list, then the mode's handler
+(``proxy.HttpSession`` for forward and reverse, ``tcpmode.serve_tcp``).
 
 Signals: SIGTERM/SIGINT stop accepting, let open requests and tunnels finish for up to
 ``timeouts.shutdown_grace`` seconds, then cancel what is left and exit 0. SIGHUP re-reads
 the config file; a bad file is reported and the running config kept. Listen addresses
 cannot change on reload (that needs a restart); everything else applies to the next
-request.
+request (a TLS listener's certificate and key to the next handshake).
 """
 
 from __future__ import annotations
