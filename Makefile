@@ -43,6 +43,7 @@ unit: $(VENV)/.test-deps
 bench: $(VENV)/.test-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.tls_compare
 
 bench-quick: $(VENV)/.test-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)

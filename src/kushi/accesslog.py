@@ -47,6 +47,8 @@ class AccessRecord:
     #: Cut short (by shutdown's grace limit, or either side) after the response began:
     #: ``bytes_out`` is what really left. Squid's ``_ABORTED`` tag suffix.
     aborted: bool = False
+    #: The TLS version when the client came over TLS ("TLSv1.3"), else "".
+    tls: str = ""
 
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: three times slower than this.)
@@ -71,6 +73,8 @@ class AccessRecord:
             result += "_ABORTED"
         hier = f"HIER_DIRECT/{_host_only(self.upstream)}" if self.upstream else "HIER_NONE/-"
         extra = []
+        if self.tls:
+            extra.append(f"tls={self.tls}")
         if self.error:
             extra.append(f"error={self.error}")
         if self.source:

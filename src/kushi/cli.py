@@ -94,6 +94,26 @@ def _common(p: argparse.ArgumentParser, mode: str) -> None:
     )
 
 
+def _tls_flags(p: argparse.ArgumentParser, mode: str) -> None:
+    """The listeners that can terminate TLS (serve, reverse)."""
+    what = (
+        "an https:// proxy: curl -x https://HOST:PORT, a PAC file's HTTPS HOST:PORT"
+        if mode == "forward"
+        else "HTTPS for the clients; the backend stays plain HTTP"
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help=f"serve TLS on the listen addresses ({what}) with this certificate chain "
+        "(e.g. certbot's fullchain.pem); re-read on SIGHUP; needs --tls-key",
+    )
+    p.add_argument(
+        "--tls-key",
+        metavar="PEM",
+        help="the certificate's private key (PEM, unencrypted; e.g. certbot's privkey.pem)",
+    )
+
+
 def _proxy_flags(p: argparse.ArgumentParser, mode: str) -> None:
     """Flags of the listeners that connect where their clients say (serve, socks)."""
     ports = ",".join(str(port) for port in sorted(DEFAULT_CONNECT_PORTS[mode]))
@@ -153,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(serve, "forward")
     _proxy_flags(serve, "forward")
+    _tls_flags(serve, "forward")
     serve.add_argument(
         "--no-socks",
         dest="socks",
         action="store_false",
         default=None,
-        help="serve only HTTP on this port, not SOCKS5 too (socks = false)",
+        help="serve only HTTP on this port, not SOCKS5 too (socks = false; with "
+        "--tls-cert, SOCKS5 is served inside TLS)",
     )
     socks = sub.add_parser(
         "socks",
@@ -189,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
             choices=(1, 2),
             help="send the client's address to the backend in PROXY protocol v1 or v2",
         )
+        if mode == "reverse":
+            _tls_flags(p, mode)
 
     config = sub.add_parser(
         "config", help="check a config file, print the commented example or the systemd unit"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -30,6 +31,7 @@ from typing import Any, Literal, cast
 
 from kushi.errors import ConfigError
 from kushi.source import ROTATIONS, Rotation, SourcePlan
+from kushi.tls import server_context
 
 Mode = Literal["forward", "reverse", "tcp", "socks"]
 EgressPolicy = Literal["prefer-ipv6", "ipv6-only", "prefer-ipv4", "ipv4-only"]
@@ -199,6 +201,12 @@ class Listener:
     #: per family (kushi.source); a family without one uses the host's default.
     source: tuple[IPNetwork, ...] = ()
     source_rotation: Rotation = "none"
+    #: TLS on this listener (forward and reverse): the certificate chain and its key,
+    #: PEM files, re-read on every reload (``kushi.tls``).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: The TLS server context built from them when the config is loaded (and on reload).
+    tls_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
     @property
     def source_plan(self) -> SourcePlan:
@@ -258,7 +266,7 @@ class Config:
 
 # Keys that may appear at the top level and in a [[listener]] table.
 #: Derived at load, never set by hand.
-DERIVED_KEYS = frozenset({"auth_users"})
+DERIVED_KEYS = frozenset({"auth_users", "tls_context"})
 LISTENER_KEYS = {f.name for f in fields(Listener)} - {"name"} - DERIVED_KEYS
 GLOBAL_KEYS = {
     "log_level",
@@ -498,6 +506,8 @@ def _listener_value(key: str, value: Any) -> Any:
         return _sources(key, value)
     if key == "source_rotation":
         return _choice(key, value, ROTATIONS)
+    if key in ("tls_cert", "tls_key"):
+        return _str(key, value) or None
     raise ConfigError(key, "unknown key")  # pragma: no cover - callers check the key set
 
 
@@ -583,7 +593,7 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
             f"listener {name}: source_rotation",
             "user needs authentication (auth_file): there is no user to key on",
         )
-    return listener
+    return _with_tls(name, listener)
 
 
 BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
@@ -615,6 +625,35 @@ def read_htpasswd(path: str, key: str = "auth_file") -> tuple[tuple[str, bytes],
     if not users:
         raise ConfigError(key, f"{path}: no users")
     return tuple(users.items())
+
+
+#: Modes that can terminate TLS: both serve HTTP, which is what runs inside it.
+TLS_MODES = ("forward", "reverse")
+
+
+def _with_tls(name: str, listener: Listener) -> Listener:
+    """Both files or neither, on a forward or reverse listener, without the PROXY protocol
+    (its header would come before the handshake, in clear text: not supported); the
+    files are loaded once, here (and again on every reload), so a bad one is a config
+    error naming it."""
+    if listener.tls_cert is None and listener.tls_key is None:
+        return listener
+    if listener.tls_cert is None or listener.tls_key is None:
+        missing = "tls_cert" if listener.tls_cert is None else "tls_key"
+        other = "tls_key" if missing == "tls_cert" else "tls_cert"
+        raise ConfigError(f"listener {name}: {missing}", f"{other} needs {missing} too")
+    if listener.mode not in TLS_MODES:
+        raise ConfigError(
+            f"listener {name}: tls_cert",
+            f"a {listener.mode} listener cannot terminate TLS (forward and reverse can)",
+        )
+    if listener.proxy_protocol:
+        raise ConfigError(
+            f"listener {name}: proxy_protocol",
+            "cannot be combined with tls_cert: a TLS listener does not read PROXY headers",
+        )
+    context = server_context(listener.tls_cert, listener.tls_key, f"listener {name}: ")
+    return replace(listener, tls_context=context)
 
 
 def _check_dead_denials(name: str, listener: Listener) -> None:

@@ -222,3 +222,20 @@ class ProxyProtocolError(KushiError):
     status = 400
     error_type = "http_request_error"
     close = True
+
+
+class TLSHandshakeError(KushiError):
+    """A client of a TLS listener failed its handshake (plain text or garbage sent to the
+    TLS port, no common version or ALPN protocol, or a reset): closed unanswered, as
+    nothing can be said to it in TLS. RFC 9209 names TLS errors with the next hop
+    ``tls_protocol_error``; kushi uses the same type for the client side."""
+
+    status = 400
+    error_type = "tls_protocol_error"
+    close = True
+
+
+class TLSHandshakeTimeout(TLSHandshakeError):
+    """No finished handshake within ``timeouts.header_read``."""
+
+    status = 408

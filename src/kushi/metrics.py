@@ -239,6 +239,21 @@ class Metrics:
             registry=registry,
         )
         self.info.labels(version=__version__).set(1)
+        self.listener_info = Gauge(
+            "kushi_listener_info",
+            "Always 1, one per listener: its mode and whether it speaks TLS (tls=yes/no).",
+            ["listener", "mode", "tls"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.tls_failures = Counter(
+            "kushi_tls_handshake_failures",
+            "Connections to a TLS listener whose handshake failed or timed out (plain text "
+            "or garbage sent to the TLS port, no common protocol, a client that stopped): "
+            "closed without reading anything of them.",
+            ["listener", "mode", "reason"],
+            registry=registry,
+        )
         for a, b in (("ipv6", "ipv4"), ("ipv4", "ipv6"), ("nat64", "ipv4"), ("ipv4", "nat64")):
             self.fallbacks.labels(from_family=a, to_family=b)
         self._sources: list[Collector]
@@ -250,6 +265,7 @@ class Metrics:
                 self.tunnels,
                 self.socks,
                 self.datagrams,
+                self.tls_failures,
                 self.errors,
                 self.bytes,
                 self.fallbacks,
@@ -311,6 +327,10 @@ class Metrics:
         if record.bytes_out:
             key = (self.bytes, "upstream_to_client", family)
             pending[key] = pending.get(key, 0) + record.bytes_out
+        if record.method == "TLS" and record.error:
+            reason = "timeout" if record.status == 408 else "failed"
+            key = (self.tls_failures, record.listener, record.mode, reason)
+            pending[key] = pending.get(key, 0) + 1
         if record.error:
             self.errors.labels(error_type=record.error).inc()
             if record.status in (407, 429):
@@ -322,6 +342,12 @@ class Metrics:
             fallback = fallback_of(record)
             if fallback is not None:
                 self.fallbacks.labels(from_family=fallback[0], to_family=fallback[1]).inc()
+
+    def set_listeners(self, listeners: Iterable[tuple[str, str, bool]]) -> None:
+        """``kushi_listener_info`` for the listeners in force: (name, mode, tls)."""
+        self.listener_info.clear()
+        for name, mode, tls in listeners:
+            self.listener_info.labels(listener=name, mode=mode, tls="yes" if tls else "no").set(1)
 
     def flush(self) -> None:
         """Add the counts gathered since the last flush to the prometheus counters."""

@@ -9,6 +9,14 @@ writing.
 
 Flow control both ways: reading pauses while more than ``READ_HIGH`` bytes wait unread,
 and writing pauses the writer above ``HIGH_WATER`` bytes queued in the transport.
+
+TLS on kushi's own listeners (``accept_tls``) runs inside ``Conn``, over two memory BIOs
+(``ssl.SSLObject``), on the plain TCP transport: the handshake is driven by the
+connection's task under its deadline, exactly like reading a request head, whatever the
+event loop (uvloop's ``start_tls`` on a just-accepted socket loses a ClientHello that
+arrived first), and ``buf`` holds decrypted bytes, so everything above sees no difference.
+``write_eof`` sends close_notify and then half-closes TCP, so a tunnel's directions end
+one at a time as on a plain connection.
 """
 
 from __future__ import annotations
@@ -46,6 +54,15 @@ class Conn(asyncio.Protocol):
         self._read_paused = False
         self._lost = False
         self._tls = False
+        # Server-side TLS (accept_tls): the TLS object and its two memory BIOs.
+        self._ssl: ssl.SSLObject | None = None
+        self._ssl_in = ssl.MemoryBIO()
+        self._ssl_out = ssl.MemoryBIO()
+        self._handshaking = False
+        #: The TLS version of a connection accepted over TLS ("TLSv1.3"), else "".
+        self.tls_version = ""
+        #: Encrypted bytes received on it (``bytes_in`` counts the plaintext).
+        self.tls_bytes_in = 0
         #: The peer reset the connection (or it failed), as opposed to a close.
         self.reset = False
         self._closed: asyncio.Future[None] | None = None
@@ -75,6 +92,16 @@ class Conn(asyncio.Protocol):
             self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._ssl is not None:
+            self.tls_bytes_in += len(data)
+            self._ssl_in.write(data)
+            if self._handshaking:
+                self._wake()
+                return
+            data = self._decrypt()
+            if not data:
+                self._wake()
+                return
         self.bytes_in += len(data)
         if not self.buf:
             self.filled_at = time.time()
@@ -85,6 +112,8 @@ class Conn(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
+        if self._ssl is not None:
+            self._ssl_in.write_eof()
         self.at_eof = True
         self._wake()
         # Keep the transport open: the other direction may still be writing. (A TLS
@@ -209,6 +238,17 @@ class Conn(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         self.bytes_out += len(data)
+        if self._ssl is not None:
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[self._ssl.write(view) :]
+            except ssl.SSLError:
+                self.reset = True
+                self.transport.abort()
+                return
+            self._flush_tls()
+            return
         self.transport.write(data)
 
     async def drain(self) -> None:
@@ -227,6 +267,10 @@ class Conn(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if self._ssl is not None:
+            # RFC 8446 section 6.1: close_notify ends this direction; the peer may go on
+            # sending, and TCP is half-closed after it as on a plain connection.
+            self._close_notify()
         try:
             if transport.can_write_eof():
                 transport.write_eof()
@@ -241,6 +285,8 @@ class Conn(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self._ssl is not None:
+                self._close_notify()
             self.transport.close()
 
     def abort(self) -> None:
@@ -272,6 +318,85 @@ class Conn(asyncio.Protocol):
         )
         self.transport = cast(asyncio.Transport, transport)
         self._tls = True
+
+    # --- TLS on kushi's listeners (the server side) ---------------------------------------
+
+    async def accept_tls(self, context: ssl.SSLContext, deadline: float) -> None:
+        """The server side of a TLS handshake, finished by ``deadline`` (event-loop time)
+        or ``TimeoutError``; ``ssl.SSLError`` (after the alert is sent) or
+        ``ConnectionError`` when it fails. Bytes already received are the ClientHello's."""
+        self._ssl = context.wrap_bio(self._ssl_in, self._ssl_out, server_side=True)
+        self._handshaking = True
+        if self.buf:
+            self.tls_bytes_in += len(self.buf)
+            self._ssl_in.write(bytes(self.buf))
+            self.buf.clear()
+        if self.at_eof:
+            self._ssl_in.write_eof()
+        try:
+            while True:
+                try:
+                    self._ssl.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush_tls()
+                if self._lost or (self.at_eof and not self._ssl_in.pending):
+                    raise ConnectionResetError("the client closed the connection in the handshake")
+                await self._wait_data(deadline)
+        except ssl.SSLError:
+            self._flush_tls()  # the alert, then the connection is closed by the caller
+            raise
+        finally:
+            self._handshaking = False
+        self._flush_tls()
+        self.tls_version = str(self._ssl.version() or "TLS")
+        # Bytes that came with the client's Finished (a request sent at once).
+        data = self._decrypt()
+        if data:
+            self.bytes_in += len(data)
+            self.filled_at = time.time()
+            self.buf += data
+
+    def _decrypt(self) -> bytes:
+        """Everything the TLS object can decrypt now (b"" if nothing); close_notify is the
+        end of the stream, a TLS error a reset."""
+        assert self._ssl is not None
+        chunks = []
+        try:
+            while True:
+                chunk = self._ssl.read(READ_SIZE)
+                if not chunk:
+                    self.at_eof = True
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.at_eof = True  # close_notify
+        except ssl.SSLEOFError:
+            self.at_eof = True  # TCP closed without close_notify: the end all the same
+        except ssl.SSLError:
+            self.at_eof = True
+            self.reset = True
+            if self.transport is not None:
+                self.transport.abort()
+        self._flush_tls()  # (a TLS 1.3 key update or ticket may answer a read)
+        return b"".join(chunks)
+
+    def _flush_tls(self) -> None:
+        out = self._ssl_out.read()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _close_notify(self) -> None:
+        assert self._ssl is not None
+        if self._handshaking or not self.tls_version:
+            return
+        try:
+            self._ssl.unwrap()
+        except (ssl.SSLError, ValueError):
+            pass  # close_notify is queued; the peer's has not come (nor need it)
+        self._flush_tls()
 
 
 async def serve_socket(

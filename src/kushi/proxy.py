@@ -212,7 +212,11 @@ class HttpSession:
             self.config = state.config
             state.hold()
             record = AccessRecord(
-                time=started, listener=self.listener, mode=state.cfg.mode, client=self.info.address
+                time=started,
+                listener=self.listener,
+                mode=state.cfg.mode,
+                client=self.info.address,
+                tls=self.info.tls,
             )
             keep = False
             req: RequestHead | None = None
@@ -262,7 +266,11 @@ class HttpSession:
     async def _fail_early(self, exc: KushiError, started: float) -> None:
         state = self.get_state()
         record = AccessRecord(
-            time=started, listener=self.listener, mode=state.cfg.mode, client=self.info.address
+            time=started,
+            listener=self.listener,
+            mode=state.cfg.mode,
+            client=self.info.address,
+            tls=self.info.tls,
         )
         await self._answer_error(exc, record, None)
         record.duration = time.time() - started

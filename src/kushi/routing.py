@@ -76,6 +76,8 @@ class ClientInfo:
     scheme: str = "http"
     local_address: str = ""
     local_port: int = 0
+    #: The TLS version when the client came over TLS (a TLS listener), else "".
+    tls: str = ""
 
 
 @functools.lru_cache(maxsize=4096)

@@ -12,6 +12,7 @@ import collections
 import itertools
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,6 +154,9 @@ class ListenerState:
         self.trusted = cfg.trusted_proxies
         self.proxy_protocol_from = cfg.proxy_protocol_from
         self.auth = Htpasswd(dict(cfg.auth_users), cfg.auth_file) if cfg.auth_file else None
+        #: The TLS context of this build: a reload loads the config and so the files
+        #: again, and handshakes from then on present the renewed certificate (kushi.tls).
+        self.tls: ssl.SSLContext | None = cfg.tls_context
         # Only forward and SOCKS listeners connect where their clients say; reverse and
         # TCP backends are the owner's own choice.
         self.destinations: DestinationPolicy | None = (

@@ -2,14 +2,15 @@
 
 One ``Server`` per process serves every configured listener. Sockets are bound once (in
 the parent when ``workers > 1``, then inherited by each worker process), so all modes
-share one accept path: connection limits, the PROXY protocol header, the allow list, then
-the mode's handler (``proxy.HttpSession`` for forward and reverse, ``tcpmode.serve_tcp``).
+share one accept path: connection limits, the PROXY protocol header (or, on a TLS
+listener, the TLS handshake: ``kushi.tls``), the allow list, then the mode's handler
+(``proxy.HttpSession`` for forward and reverse, ``tcpmode.serve_tcp``).
 
 Signals: SIGTERM/SIGINT stop accepting, let open requests and tunnels finish for up to
 ``timeouts.shutdown_grace`` seconds, then cancel what is left and exit 0. SIGHUP re-reads
 the config file; a bad file is reported and the running config kept. Listen addresses
 cannot change on reload (that needs a restart); everything else applies to the next
-request.
+request (a TLS listener's certificate and key to the next handshake).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import Counter
@@ -41,6 +43,8 @@ from kushi.errors import (
     KushiError,
     ProxyProtocolError,
     RequestDenied,
+    TLSHandshakeError,
+    TLSHandshakeTimeout,
     TooManyConnections,
 )
 from kushi.netio import Conn, serve_socket
@@ -148,9 +152,11 @@ def describe_listener(cfg: Listener, socks: list[socket.socket]) -> str:
     if cfg.mode in ("forward", "socks"):
         parts.append("CONNECT ports " + ",".join(str(p) for p in sorted(cfg.connect_ports)))
         if cfg.mode == "forward" and cfg.socks:
-            parts.append("SOCKS5 on the same port")
+            parts.append("SOCKS5 on the same port" + (" (inside TLS)" if cfg.tls_cert else ""))
     else:
         parts.append("backend " + ", ".join(cfg.backend))
+    if cfg.tls_cert:
+        parts.append(f"TLS with {cfg.tls_cert}")
     if cfg.proxy_protocol:
         parts.append("accepts PROXY protocol from " + ", ".join(map(str, cfg.proxy_protocol_from)))
     if cfg.backend_proxy_protocol:
@@ -247,6 +253,12 @@ class Server:
                 if limit_error is not None:
                     await self._refuse(state, client, info, limit_error)
                     return
+                if state.tls is not None:
+                    version = await self._accept_tls(state, client, info)
+                    if version is None:
+                        return
+                    scheme = "https" if state.cfg.mode == "reverse" else info.scheme
+                    info = replace(info, tls=version, scheme=scheme)
                 peer = client_address(info.address)
                 if peer is not None and state.trusted and in_networks(peer, state.trusted):
                     info = replace(info, trusted=True)
@@ -312,6 +324,46 @@ class Server:
             client.abort()
         finally:
             await client.wait_closed()
+
+    async def _accept_tls(self, state: ListenerState, client: Conn, info: ClientInfo) -> str | None:
+        """The TLS handshake, the first phase of a TLS listener's connection, under
+        ``timeouts.header_read``: its version, or None when it failed (logged with
+        ``tls_protocol_error`` and counted; nothing of what the client sent is read)."""
+        assert state.tls is not None
+        timeout = self.config.timeouts.header_read
+        started = time.time()
+        waiting = _Silent(client)
+        self.services.idle.add(waiting)  # shutdown closes it, as an idle keep-alive
+        exc: KushiError
+        try:
+            await client.accept_tls(state.tls, client.loop.time() + timeout)
+            return client.tls_version
+        except TimeoutError:
+            exc = TLSHandshakeTimeout(
+                f"no TLS handshake within timeouts.header_read ({timeout:g} s)"
+            )
+        except OSError as err:  # (ssl.SSLError is one)
+            if not client.tls_bytes_in:
+                return None  # closed before its first byte: a health check or a port scan
+            reason = err.reason if isinstance(err, ssl.SSLError) else err.strerror
+            exc = TLSHandshakeError(f"TLS handshake failed: {reason or err}")
+        finally:
+            self.services.idle.discard(waiting)
+        self.services.record(
+            state,
+            AccessRecord(
+                time=started,
+                listener=state.cfg.name,
+                mode=state.cfg.mode,
+                client=info.address,
+                method="TLS",
+                status=exc.status,
+                error=exc.error_type,
+                details=exc.details,
+                duration=time.time() - started,
+            ),
+        )
+        return None
 
     async def _first_byte(self, client: Conn) -> int | None:
         """The client's first byte, without consuming it (0x05 starts a SOCKS5 greeting, an
@@ -381,7 +433,8 @@ class Server:
             error=exc.error_type,
             details=exc.details,
         )
-        if state.cfg.mode in ("forward", "reverse"):  # (TCP and SOCKS: just closed)
+        if state.cfg.mode in ("forward", "reverse") and state.tls is None:
+            # (TCP, SOCKS and TLS before the handshake: just closed)
             data = http1.render_error(exc, proxy_name=PROXY_NAME, close=True)
             with contextlib.suppress(ConnectionError, OSError):
                 client.write(data)

@@ -88,6 +88,7 @@ class SocksSession:
             mode=self.state.cfg.mode,
             client=info.address,
             method="SOCKS5",
+            tls=info.tls,
         )
         #: Whether a failure may still be answered with a reply (RFC 1928 section 6):
         #: only once the method negotiation (and RFC 1929) succeeded.

@@ -384,7 +384,7 @@ def test_connect_socks5_and_tcp_mode_leave_from_the_source(net: Net) -> None:
     r = curl(net, f"http://v6.test/1k?m={mark}", "-p", proxy=net.url("fixed"))
     assert r.status == 200 and r.body == ONE_K
     assert seen(net, mark)["client"] == FIXED_V6
-    record = [x for x in net.kushi.json_records() if x["method"] == "CONNECT"][-1]
+    record = net.kushi.records_until(lambda x: x["method"] == "CONNECT")[-1]
     assert record["source"] == FIXED_V6
     mark = marker()
     socks_url = f"socks5h://{t.proxy_client_ip}:{PORTS['fixed']}"
@@ -398,7 +398,7 @@ def test_connect_socks5_and_tcp_mode_leave_from_the_source(net: Net) -> None:
     assert r.status == 200 and r.body == ONE_K
     tcp_source = seen(net, mark)["client"]
     assert ipaddress.IPv6Address(tcp_source) in PREFIX
-    assert [x for x in net.kushi.json_records() if x["mode"] == "tcp"][-1]["source"] == tcp_source
+    assert net.kushi.records_until(lambda x: x["mode"] == "tcp")[-1]["source"] == tcp_source
 
 
 def test_socks5_udp_associate_leaves_from_the_source(net: Net) -> None:

@@ -140,6 +140,31 @@ BAD_INPUT: tuple[Bad, ...] = (
         argv=("tcp", "--listen", "[::1]:0", "--backend", "http://127.0.0.1:8080"),
     ),
     Bad(
+        "tls_cert that does not exist",
+        "kushi: config error: listener forward: tls_cert: {tmp}/none.pem: no such file",
+        toml=b'tls_cert = "{tmp}/none.pem"\ntls_key = "{tmp}/none.key"\n',
+    ),
+    Bad(
+        "tls_key without tls_cert",
+        "kushi: config error: listener forward: tls_cert: tls_key needs tls_cert too",
+        toml=b'tls_key = "{tmp}/none.key"\n',
+    ),
+    Bad(
+        "TLS on a tcp listener",
+        "kushi: config error: listener t: tls_cert: a tcp listener cannot terminate TLS "
+        "(forward and reverse can)",
+        toml=b'[[listener]]\nname = "t"\nmode = "tcp"\nlisten = ["[::1]:0"]\n'
+        b'backend = ["127.0.0.1:9"]\ntls_cert = "{tmp}/c.pem"\ntls_key = "{tmp}/k.pem"\n',
+    ),
+    Bad(
+        "TLS with the PROXY protocol",
+        "kushi: config error: listener lb: proxy_protocol: cannot be combined with tls_cert: "
+        "a TLS listener does not read PROXY headers",
+        toml=b'[[listener]]\nname = "lb"\nmode = "reverse"\nlisten = ["[::1]:0"]\n'
+        b'backend = ["http://127.0.0.1:8080"]\nproxy_protocol = true\n'
+        b'proxy_protocol_from = ["::1"]\ntls_cert = "{tmp}/c.pem"\ntls_key = "{tmp}/k.pem"\n',
+    ),
+    Bad(
         "kushi config alone",
         "usage: kushi config [-h] {{check,example,unit}} ...\n"
         "kushi config: choose a subcommand: check FILE, example or unit",

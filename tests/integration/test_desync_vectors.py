@@ -1,6 +1,7 @@
 """kushi against the HTTP request desync corpus (tests/data/desync-vectors, from
 aws/http-desync-guardian, Apache-2.0: LICENSE and NOTICE beside the YAML files): every one
-of its cases, in forward and in reverse mode.
+of its cases, in forward and in reverse mode, each over plain TCP and inside TLS (a TLS
+listener's requests go through the same parser: the ids of those runs say ``-tls-``).
 
 Each case is built into raw request bytes exactly as the YAML gives them: the request line
 ``METHOD SP URI SP VERSION``, then the headers in order, byte for byte (a value that begins
@@ -43,6 +44,7 @@ Beyond the README, the request upstream may not carry a field that a server mapp
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,19 +272,28 @@ class Stack:
     kushi: Kushi
     forward: tuple[str, int]
     reverse: tuple[str, int]
+    forward_tls: tuple[str, int]
+    reverse_tls: tuple[str, int]
+    client_tls: ssl.SSLContext
 
-    def address(self, mode: str) -> tuple[str, int]:
+    def address(self, mode: str, tls: bool = False) -> tuple[str, int]:
+        if tls:
+            return self.forward_tls if mode == "forward" else self.reverse_tls
         return self.forward if mode == "forward" else self.reverse
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, tls_ca: Any) -> Iterator[Stack]:
     """The origin on [::1]; one kushi with a forward listener on 127.0.0.1 (allowed to reach
     ::1, which the destination policy refuses by default) and a reverse listener on [::1]
-    whose backend is the origin."""
+    whose backend is the origin, and the same two again with TLS (the test CA's
+    certificate)."""
     workdir = tmp_path_factory.mktemp("desync")
     forward = ("127.0.0.1", free_port("127.0.0.1"))
     reverse = ("::1", free_port("::1"))
+    forward_tls = ("127.0.0.1", free_port("127.0.0.1"))
+    reverse_tls = ("::1", free_port("::1"))
+    tls_files = {"tls_cert": str(tls_ca.cert_chain), "tls_key": str(tls_ca.key)}
     with RawOrigin("::1") as origin:
         config = workdir / "kushi.toml"
         write_toml(
@@ -301,11 +312,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     "listen": [f"[{reverse[0]}]:{reverse[1]}"],
                     "backend": [f"http://{origin.authority}"],
                 },
+                {
+                    "name": "fwd-tls",
+                    "mode": "forward",
+                    "listen": [f"{forward_tls[0]}:{forward_tls[1]}"],
+                    "allow_destinations": ["::1/128"],
+                    **tls_files,
+                },
+                {
+                    "name": "rev-tls",
+                    "mode": "reverse",
+                    "listen": [f"[{reverse_tls[0]}]:{reverse_tls[1]}"],
+                    "backend": [f"http://{origin.authority}"],
+                    **tls_files,
+                },
             ],
         )
-        kushi = Kushi(["serve", "--config", str(config)], workdir, wait_for=[forward, reverse])
+        kushi = Kushi(
+            ["serve", "--config", str(config)],
+            workdir,
+            wait_for=[forward, reverse, forward_tls, reverse_tls],
+        )
+        client_tls = ssl.create_default_context(cafile=str(tls_ca.ca_pem))
         try:
-            yield Stack(origin, kushi, forward, reverse)
+            yield Stack(origin, kushi, forward, reverse, forward_tls, reverse_tls, client_tls)
         finally:
             kushi.stop()
 
@@ -337,14 +367,15 @@ def _ids(vectors: list[Vector]) -> list[str]:
 def _params() -> list[Any]:
     vectors = load_vectors()
     params = []
-    for mode in ("forward", "reverse"):
-        for v, slug in zip(vectors, _ids(vectors), strict=True):
-            outcome = expected_outcome(v, mode)
-            marks = []
-            if v.key in KNOWN_BUGS:
-                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[v.key]))
-            ident = f"{mode}-{v.tier.lower()}-{outcome}-{slug}"
-            params.append(pytest.param(mode, v, outcome, id=ident, marks=marks))
+    for tls in (False, True):
+        for mode in ("forward", "reverse"):
+            for v, slug in zip(vectors, _ids(vectors), strict=True):
+                outcome = expected_outcome(v, mode)
+                marks = []
+                if v.key in KNOWN_BUGS:
+                    marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[v.key]))
+                ident = f"{mode}{'-tls' if tls else ''}-{v.tier.lower()}-{outcome}-{slug}"
+                params.append(pytest.param(mode, tls, v, outcome, id=ident, marks=marks))
     return params
 
 
@@ -373,16 +404,17 @@ def test_outcome_tables_name_real_cases() -> None:
     assert wrong == []
 
 
-@pytest.mark.parametrize("mode, vector, outcome", _params())
-def test_vector(stack: Stack, mode: str, vector: Vector, outcome: str) -> None:
+@pytest.mark.parametrize("mode, tls, vector, outcome", _params())
+def test_vector(stack: Stack, mode: str, tls: bool, vector: Vector, outcome: str) -> None:
     head, body, payload = build_request(vector, mode, stack.origin.authority)
     mark = stack.origin.count()
     resp = exchange(
-        stack.address(mode),
+        stack.address(mode, tls),
         head,
         body,
         head_request=vector.method == "HEAD",
         expect_close=outcome == "refused",
+        tls=stack.client_tls if tls else None,
     )
     arrived = stack.origin.since(mark)
     if outcome == "refused":

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,18 @@ class Kushi:
             records = self.json_records()
             if len(records) >= count or time.monotonic() > deadline:
                 return records
+            time.sleep(0.02)
+
+    def records_until(
+        self, keep: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """The JSON access records ``keep`` accepts, waiting up to ``timeout`` for at least
+        one (a tunnel's record is written when kushi sees it end, after the client has)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.json_records() if keep(r)]
+            if found or time.monotonic() > deadline:
+                return found
             time.sleep(0.02)
 
     def record_where(self, timeout: float = 5.0, **want: Any) -> dict[str, Any]:

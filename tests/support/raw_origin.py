@@ -19,8 +19,10 @@ Use it as a context manager::
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -252,21 +254,27 @@ def exchange(
     head_request: bool = False,
     expect_close: bool = False,
     timeout: float = 15.0,
+    tls: ssl.SSLContext | None = None,
 ) -> RawResponse:
     """Send ``head`` + ``body`` (a large body from a helper thread, so a proxy that answers
     early cannot deadlock us) and read one response framed by Content-Length.
 
     With ``expect_close``, when the response says ``Connection: close``, it then reads on
     until the proxy closes the connection; ``closed`` says whether it did before ``timeout``.
-    ``raw`` is every byte received."""
+    ``raw`` is every byte received. With ``tls``, the exchange runs inside a TLS
+    connection (server name ``localhost``); a large body is then sent from this thread,
+    as one TLS connection cannot be written and read from two threads at once."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     received = bytearray()
     eof = False
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
         sock.settimeout(timeout)
         sock.connect(address)
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname="localhost"))
         sender: threading.Thread | None = None
-        if len(body) <= 64 * 1024:
+        if len(body) <= 64 * 1024 or tls is not None:
             _send_all(sock, head + body)
         else:
             _send_all(sock, head)
@@ -277,7 +285,7 @@ def exchange(
             nonlocal eof
             try:
                 chunk = sock.recv(256 * 1024)
-            except (ConnectionResetError, BrokenPipeError):
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
                 chunk = b""
             except TimeoutError:
                 return False

@@ -170,3 +170,117 @@ def test_read_some_times_out_at_its_deadline() -> None:
         peer.close()
 
     _run(main)
+
+
+# --- server-side TLS (accept_tls) ------------------------------------------------------
+
+
+def _tls_contexts(tmp_path: Any) -> tuple[Any, Any]:
+    import ssl
+
+    import trustme
+
+    from kushi.tls import server_context
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server_context(str(chain), str(key)), client
+
+
+def test_accept_tls_takes_a_client_hello_already_buffered(tmp_path: Any) -> None:
+    """The ClientHello arrived before the handler started TLS (uvloop reads a new socket
+    at once): it is fed to the handshake, not lost, and ``buf`` then holds plaintext."""
+    import threading
+
+    server_ctx, client_ctx = _tls_contexts(tmp_path)
+
+    async def main() -> None:
+        conn, peer = await _pair()
+        got: list[bytes] = []
+
+        def client() -> None:
+            with client_ctx.wrap_socket(peer, server_hostname="localhost") as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                got.append(tls.recv(100))
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        loop = asyncio.get_running_loop()
+        assert await conn.fill(deadline=loop.time() + 5)  # the ClientHello, in buf
+        assert conn.buf[:1] == b"\x16"  # a TLS handshake record
+        await conn.accept_tls(server_ctx, loop.time() + 5)
+        assert conn.tls_version.startswith("TLSv1.")
+        while b"\r\n\r\n" not in conn.buf:
+            assert await conn.fill(deadline=loop.time() + 5)
+        assert bytes(conn.buf) == b"GET / HTTP/1.1\r\n\r\n"
+        conn.write(b"hello")
+        await asyncio.to_thread(thread.join, 5)
+        assert got == [b"hello"]
+        await conn.wait_closed()
+
+    _run(main)
+
+
+def test_write_eof_over_tls_is_close_notify_and_the_peer_may_go_on(tmp_path: Any) -> None:
+    """``write_eof`` ends kushi's direction with close_notify (the client reads the end),
+    while the client's direction still flows, as a TCP half-close would let it."""
+    import threading
+
+    server_ctx, client_ctx = _tls_contexts(tmp_path)
+
+    async def main() -> None:
+        conn, peer = await _pair()
+        seen: list[bytes] = []
+
+        def client() -> None:
+            tls = client_ctx.wrap_socket(peer, server_hostname="localhost")
+            data = b""
+            while chunk := tls.recv(100):
+                data += chunk
+            seen.append(data)  # ended by close_notify: recv returned b""
+            tls.sendall(b"after")
+            tls.close()
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        loop = asyncio.get_running_loop()
+        await conn.accept_tls(server_ctx, loop.time() + 5)
+        conn.write(b"last words")
+        conn.write_eof()
+        while b"after" not in conn.buf:
+            assert await conn.fill(deadline=loop.time() + 5), bytes(conn.buf)
+        await asyncio.to_thread(thread.join, 5)
+        assert seen == [b"last words"]
+        await conn.wait_closed()
+
+    _run(main)
+
+
+def test_accept_tls_refuses_plain_text_and_times_out_a_silent_client(tmp_path: Any) -> None:
+    import ssl
+
+    server_ctx, _client_ctx = _tls_contexts(tmp_path)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        conn, peer = await _pair()
+        peer.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(ssl.SSLError):
+            await conn.accept_tls(server_ctx, loop.time() + 5)
+        assert conn.buf == bytearray()  # nothing of it reached the reader
+        conn.abort()
+        peer.close()
+        conn, peer = await _pair()
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await conn.accept_tls(server_ctx, start + 0.3)
+        assert loop.time() - start < 2
+        conn.abort()
+        peer.close()
+
+    _run(main)

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from kushi import __version__, http1
 from kushi.accesslog import AccessRecord
 from kushi.acl import AllowList, client_address, client_key
-from kushi.config import Address, Config, DestinationRule
+from kushi.config import DERIVED_KEYS, Address, Config, DestinationRule
 from kushi.errors import (
     KushiError,
     RequestDenied,
@@ -104,11 +104,12 @@ class MethodNotAllowed(KushiError):
 # --- pure parts: the PAC file, the config view, record views ----------------------------
 
 
-def pac_script(proxy: str | None, socks: str | None = None) -> str:
+def pac_script(proxy: str | None, socks: str | None = None, https: bool = False) -> str:
     """A PAC file sending everything but loopback names and addresses through ``proxy``
-    (an HTTP proxy) and then ``socks`` (a SOCKS5 listener, Chromium and Firefox read
-    ``SOCKS5 host:port``), whichever of them kushi has, in that order."""
-    entries = [f"PROXY {proxy}"] if proxy else []
+    (an HTTP proxy; ``HTTPS host:port`` with ``https``, a TLS forward listener, which
+    Chromium and Firefox reach over TLS) and then ``socks`` (a SOCKS5 listener, Chromium
+    and Firefox read ``SOCKS5 host:port``), whichever of them kushi has, in that order."""
+    entries = [f"{'HTTPS' if https else 'PROXY'} {proxy}"] if proxy else []
     if socks:
         entries.append(f"SOCKS5 {socks}")
     return f"""// kushi proxy auto-config: IPv4-only clients reach IPv6 sites through kushi.
@@ -164,7 +165,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Address | DestinationRule | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value)
     if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+        return {
+            f.name: _jsonable(getattr(value, f.name))
+            for f in fields(value)
+            if f.name not in DERIVED_KEYS  # values built from keys shown already
+        }
     if isinstance(value, frozenset | set):
         items = [_jsonable(v) for v in value]
         try:
@@ -220,6 +225,7 @@ def record_view(record: AccessRecord, worker: int | None = None) -> dict[str, An
         "bytes_out": record.bytes_out,
         "error": record.error,
         "details": record.details[:300],
+        "tls": record.tls,
         "attempts": record.attempts,
     }
 
@@ -244,7 +250,13 @@ def attach(server: Server, multiprocess_dir: str | None = None) -> Metrics:
         metrics = Metrics(multiprocess_dir=multiprocess_dir)
         server.services.hooks.append(metrics.observe)
         _attached[server] = metrics
+        set_listener_info(metrics, server.config)
+        server.on_reload.append(lambda config: set_listener_info(metrics, config))
     return metrics
+
+
+def set_listener_info(metrics: Metrics, config: Config) -> None:
+    metrics.set_listeners((c.name, c.mode, c.tls_cert is not None) for c in config.listeners)
 
 
 def _set_gauges(server: Server, metrics: Metrics) -> None:
@@ -519,7 +531,9 @@ class Admin:
             socks = pac_proxy(self.server, conn.local, "socks")
             if proxy is None and socks is None:
                 raise NotFound("no forward or socks listener to advertise; set pac_proxy")
-            return self._response(req, 200, PAC_TYPE, pac_script(proxy, socks).encode())
+            forward = [c for c in self.server.config.listeners if c.mode == "forward"]
+            https = bool(forward) and forward[0].tls_cert is not None
+            return self._response(req, 200, PAC_TYPE, pac_script(proxy, socks, https).encode())
         if path == b"/healthz":
             if shutting_down(self.server):
                 return self._response(req, 503, b"text/plain; charset=utf-8", b"stopping\n")

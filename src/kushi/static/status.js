@@ -181,7 +181,7 @@ function drawRecent(s) {
       "tr",
       { "data-family": family, "data-status": r.status },
       el("td", {}, fmtTime(r.time)),
-      el("td", { class: "opt" }, r.client),
+      el("td", { class: "opt", title: r.tls ? "came over " + r.tls : null }, r.tls ? r.client + " 🔒" : r.client),
       el("td", { class: "opt" }, r.method),
       el("td", { class: "target", title: r.target }, r.target),
       el("td", {}, status),
