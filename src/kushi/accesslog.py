@@ -44,6 +44,8 @@ class AccessRecord:
     #: Cut short (by shutdown's grace limit, or either side) after the response began:
     #: ``bytes_out`` is what really left. Squid's ``_ABORTED`` tag suffix.
     aborted: bool = False
+    #: A tunnel whose bytes splice(2) moved socket to socket in the kernel (``splice``).
+    spliced: bool = False
 
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: three times slower than this.)

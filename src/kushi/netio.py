@@ -203,6 +203,14 @@ class Conn(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def pause_reading(self) -> None:
+        """Stop reading from the socket until the next ``fill`` or ``read_some`` (which
+        resume it): a tunnel that splices leaves the socket's reading to the kernel."""
+        transport = self.transport
+        if not self._read_paused and transport is not None and not transport.is_closing():
+            self._read_paused = True
+            transport.pause_reading()
+
     # --- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
