@@ -11,11 +11,12 @@ Two ways to move the bytes:
 - **splice** (Linux, both ends plain TCP sockets, ``splice = true``): the bytes never
   enter user space. Both transports stop reading, their write buffers drain, and each
   direction moves data socket -> pipe -> socket with ``splice(2)`` (``SPLICE_F_MOVE |
-  SPLICE_F_NONBLOCK``) on ``os.dup()``'d descriptors watched with ``add_reader`` /
-  ``add_writer`` (an event loop refuses to watch the descriptor a transport owns; a dup is
-  a descriptor of its own on the same socket). A direction reads while its pipe is empty
-  and writes while it is not, so a slow receiver stops the sender's reads (the kernel's
-  socket buffers and the pipe, ``PIPE_SIZE``, are the only buffers). A kernel that refuses
+  SPLICE_F_NONBLOCK``) on ``os.dup()``'d descriptors (an event loop refuses to watch the
+  descriptor a transport owns; a dup is a descriptor of its own on the same socket),
+  watched through an epoll instance of the tunnel's own that the event loop watches. A
+  direction reads while its pipe is empty and writes while it is not, so a slow receiver
+  stops the sender's reads (the kernel's socket buffers and the pipe, ``PIPE_SIZE``, are
+  the only buffers). A kernel that refuses
   (``EINVAL``, ``ENOSYS``) before the first byte moved sends the tunnel down the other way.
 - **copy** (TLS on either side, other systems, ``splice = false``): the transports read and
   write as usual, ``READ_SIZE`` at a time, waiting on ``drain`` above the high-water mark.
@@ -30,6 +31,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import select
 import socket
 import sys
 import time
@@ -144,8 +146,8 @@ async def _copy_relay(
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
-class _Unsupported(Exception):
-    """The kernel refused to splice before any byte moved."""
+_READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class _Direction:
@@ -181,28 +183,17 @@ class _Direction:
             self._want_read()
 
     def _want_read(self) -> None:
-        if self.writing:
-            self.loop.remove_writer(self.wfd)
-            self.writing = False
-        if not self.reading:
-            self.loop.add_reader(self.rfd, self._on_readable)
-            self.reading = True
+        self.reading, self.writing = True, False
+        self.splicer.watch(self.rfd)
+        self.splicer.watch(self.wfd)
 
     def _want_write(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.rfd)
-            self.reading = False
-        if not self.writing:
-            self.loop.add_writer(self.wfd, self._on_writable)
-            self.writing = True
+        self.reading, self.writing = False, True
+        self.splicer.watch(self.rfd)
+        self.splicer.watch(self.wfd)
 
     def stop(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.rfd)
-            self.reading = False
-        if self.writing:
-            self.loop.remove_writer(self.wfd)
-            self.writing = False
+        self.reading = self.writing = False
 
     def _on_readable(self) -> None:
         try:
@@ -240,6 +231,8 @@ class _Direction:
     def _finish(self) -> None:
         """End of stream from ``src`` (nothing left in the pipe): half-close ``dst``."""
         self.stop()
+        self.splicer.watch(self.rfd)
+        self.splicer.watch(self.wfd)
         self.done = True
         sock = socket.socket(fileno=self.wfd)  # a view of the dup, detached below
         try:
@@ -271,6 +264,13 @@ class _Direction:
 
 
 class _Splicer:
+    """Both directions of one spliced tunnel.
+
+    The two dup'd sockets are watched through an epoll instance of the tunnel's own, and
+    the event loop watches that one descriptor: epoll reports a socket's error (a reset)
+    even to a direction that is not waiting on it, where libuv (uvloop) would instead
+    stop an ``add_reader`` watch without a word."""
+
     def __init__(self, a: Conn, b: Conn, activity: list[float]) -> None:
         self.loop = asyncio.get_running_loop()
         self.a, self.b = a, b
@@ -279,10 +279,61 @@ class _Splicer:
         self.error: OSError | None = None
         self.fds: list[int] = []
         self.directions: list[_Direction] = []
+        self.epoll = select.epoll()
+        self.masks: dict[int, int] = {}
         fa = self._dup(a)
         fb = self._dup(b)
         self.directions = [_Direction(self, a, b, fa, fb)]
         self.directions.append(_Direction(self, b, a, fb, fa))
+        self.loop.add_reader(self.epoll.fileno(), self._on_events)
+
+    def watch(self, fd: int) -> None:
+        """(Re-)register ``fd`` for what the directions now wait for on it."""
+        mask = 0
+        for d in self.directions:
+            if d.reading and d.rfd == fd:
+                mask |= select.EPOLLIN
+            if d.writing and d.wfd == fd:
+                mask |= select.EPOLLOUT
+        old = self.masks.get(fd)
+        if old == mask:
+            return
+        if old is None:
+            self.epoll.register(fd, mask)
+        else:
+            self.epoll.modify(fd, mask)
+        self.masks[fd] = mask
+
+    def _on_events(self) -> None:
+        for fd, events in self.epoll.poll(0):
+            if self.finished.done():
+                return
+            handled = False
+            for d in self.directions:
+                if d.reading and d.rfd == fd:
+                    handled = True
+                    if events & _READ_EVENTS:
+                        d._on_readable()
+                elif d.writing and d.wfd == fd:
+                    handled = True
+                    if events & _WRITE_EVENTS:
+                        d._on_writable()
+            if not handled and events & (select.EPOLLERR | select.EPOLLHUP):
+                self._idle_socket_event(fd, events)
+
+    def _idle_socket_event(self, fd: int, events: int) -> None:
+        """An error or hang-up on a socket no direction waits on right now."""
+        conn = self.a if fd == self.fds[0] else self.b
+        err = socket.socket(fileno=fd)
+        try:
+            code = err.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        finally:
+            err.detach()
+        if code:
+            self.failed(OSError(code, os.strerror(code)), conn)
+        else:  # a hang-up without an error: nothing more to hear from it
+            self.epoll.unregister(fd)
+            self.masks.pop(fd, None)
 
     def _dup(self, conn: Conn) -> int:
         assert conn.transport is not None
@@ -314,6 +365,8 @@ class _Splicer:
             self.finished.set_result(None)
 
     def close(self) -> None:
+        self.loop.remove_reader(self.epoll.fileno())
+        self.epoll.close()
         for direction in self.directions:
             direction.close()
         for fd in self.fds:
