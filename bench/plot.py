@@ -38,7 +38,17 @@ PANELS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
         "bulk GET {mib} MiB",
         "get_mbps",
         "MB/s",
-        ("direct", "squid", "kushi", "kushi-reverse", "haproxy-tcp", "kushi-tcp", "kushi-tcp-copy"),
+        (
+            "direct",
+            "squid",
+            "kushi",
+            "kushi-copy",
+            "nginx-reverse",
+            "kushi-reverse",
+            "haproxy-tcp",
+            "kushi-tcp",
+            "kushi-tcp-copy",
+        ),
         "direct",
     ),
     (
@@ -52,8 +62,8 @@ PANELS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
         "bulk SOCKS5 {mib} MiB",
         "socks_mbps",
         "MB/s",
-        ("kushi", "kushi-copy"),
-        "",
+        ("direct", "kushi", "kushi-copy"),
+        "direct",
     ),
 )
 
@@ -70,7 +80,7 @@ def _value(aggs: dict[str, dict[str, Any]], row: str, key: str) -> float | None:
     if not agg or not agg.get("ran"):
         return None
     value = agg["median"].get(key)
-    if row == "direct" and key == "connect_mbps":
+    if row == "direct" and key in ("connect_mbps", "socks_mbps"):
         value = agg["median"].get("get_mbps")  # no tunnel: its GET is the baseline
     return float(value) if isinstance(value, int | float) else None
 

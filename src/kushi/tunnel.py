@@ -279,12 +279,16 @@ class _Splicer:
         self.error: OSError | None = None
         self.fds: list[int] = []
         self.directions: list[_Direction] = []
-        self.epoll = select.epoll()
         self.masks: dict[int, int] = {}
-        fa = self._dup(a)
-        fb = self._dup(b)
-        self.directions = [_Direction(self, a, b, fa, fb)]
-        self.directions.append(_Direction(self, b, a, fb, fa))
+        self.epoll = select.epoll()
+        try:
+            fa = self._dup(a)
+            fb = self._dup(b)
+            self.directions.append(_Direction(self, a, b, fa, fb))
+            self.directions.append(_Direction(self, b, a, fb, fa))
+        except OSError:  # out of descriptors: nothing is left open, the caller copies
+            self.close()
+            raise
         self.loop.add_reader(self.epoll.fileno(), self._on_events)
 
     def watch(self, fd: int) -> None:
@@ -365,8 +369,9 @@ class _Splicer:
             self.finished.set_result(None)
 
     def close(self) -> None:
-        self.loop.remove_reader(self.epoll.fileno())
-        self.epoll.close()
+        if not self.epoll.closed:
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
         for direction in self.directions:
             direction.close()
         for fd in self.fds:
@@ -405,7 +410,10 @@ async def _splice_relay(
         splice_capable(a) and splice_capable(b)
     ):
         return False
-    splicer = _Splicer(a, b, activity)
+    try:
+        splicer = _Splicer(a, b, activity)
+    except OSError:
+        return False
     up, down = splicer.directions
     try:
         splicer.start()
