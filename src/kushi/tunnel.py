@@ -162,7 +162,6 @@ class _Direction:
         wfd: int,
     ) -> None:
         self.splicer = splicer
-        self.loop = splicer.loop
         self.src, self.dst = src, dst
         self.rfd, self.wfd = rfd, wfd
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
