@@ -40,8 +40,26 @@ from dataclasses import dataclass
 from kushi.netio import READ_SIZE, Conn
 
 #: Bytes a splice pipe holds (F_SETPIPE_SZ; the default is 64 KiB, unprivileged processes
-#: may raise it up to /proc/sys/fs/pipe-max-size, 1 MiB by default).
+#: may raise it up to /proc/sys/fs/pipe-max-size, 1 MiB by default). Measured on loopback:
+#: 1 MiB moves a bulk tunnel with 0.55-0.7 of the CPU per byte of 256 KiB and 64 KiB.
 PIPE_SIZE = 1024 * 1024
+
+
+def _pipe_budget() -> int:
+    """Bytes of enlarged pipes this process may hold at once: a quarter of the user's
+    soft limit on pipe buffers (fs.pipe-user-pages-soft, 64 MiB by default). Past that
+    limit Linux gives an unprivileged user's new pipes 2 pages, so enlarging every pipe
+    would starve the tunnels that come later; beyond the budget pipes keep 64 KiB."""
+    try:
+        with open("/proc/sys/fs/pipe-user-pages-soft") as fh:
+            pages = int(fh.read())
+    except (OSError, ValueError):
+        pages = 16384
+    return (pages or 1 << 30) * 4096 // 4
+
+
+_PIPE_BUDGET = _pipe_budget() if sys.platform == "linux" else 0
+_enlarged = [0]  # bytes of enlarged pipes open now
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: errno values that mean "this kernel or file cannot splice": use the copy path.
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
@@ -165,10 +183,14 @@ class _Direction:
         self.src, self.dst = src, dst
         self.rfd, self.wfd = rfd, wfd
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # the default pipe size still works, in smaller steps
+        self.enlarged = 0
+        if _enlarged[0] + PIPE_SIZE <= _PIPE_BUDGET:
+            try:
+                fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
+                self.enlarged = PIPE_SIZE
+                _enlarged[0] += PIPE_SIZE
+            except OSError:
+                pass  # the default pipe size still works, in smaller steps
         self.in_pipe = 0
         self.moved = 0
         self.done = False
@@ -260,6 +282,8 @@ class _Direction:
         self.stop()
         os.close(self.pipe_r)
         os.close(self.pipe_w)
+        _enlarged[0] -= self.enlarged
+        self.enlarged = 0
 
 
 class _Splicer:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from kushi import tunnel
 from kushi.netio import Conn
 from kushi.tunnel import relay_tunnel, splice_capable
 
@@ -95,6 +96,7 @@ def test_both_directions_arrive_whole_and_are_counted(loop: str, splice: bool) -
         assert splice_capable(a) and splice_capable(b)
         moved = await _both_ways(a, ra, wa, b, rb, wb, splice)
         assert moved.spliced is splice
+        assert tunnel._enlarged == [0]  # the enlarged pipes' budget is given back
 
     LOOPS[loop](main())
 
