@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import threading
@@ -21,6 +22,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -407,3 +409,52 @@ def test_tunnels_leave_no_descriptor_behind(setup: Setup, splice: bool) -> None:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.sock.close()
     assert settled_fd_count(pid) == before
+
+
+def open_tunnels_gauge(proxy: Proxy) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("kushi_open_tunnels ")]
+    return float(line.split()[1])
+
+
+@BOTH_WAYS
+def test_sigterm_counts_open_tunnels_and_cuts_them_at_the_grace_deadline(
+    setup: Setup, tmp_path: Path, splice: bool
+) -> None:
+    """A tunnel whose client stopped reading is open at SIGTERM: it is counted in
+    ``kushi_open_tunnels``, kept for ``shutdown_grace``, then cut and logged aborted with
+    the bytes that really left; kushi exits 0."""
+    port, admin = free_port(), free_port()
+    path = tmp_path / "kushi.toml"
+    write_toml(
+        path,
+        {
+            "listen": [f"127.0.0.1:{port}"],
+            "connect_ports": [setup.server.port],
+            "allow_destinations": ["::1/128"],
+            "access_log_format": "json",
+            "admin_listen": [f"127.0.0.1:{admin}"],
+            "splice": splice,
+            "timeouts": {"shutdown_grace": 1},
+        },
+    )
+    kushi = Kushi(["serve", "--config", str(path)], tmp_path, loopback_destinations=False)
+    try:
+        kushi.wait_ready()
+        proxy = Proxy(kushi, port, 0, admin, splice)
+        c = open_tunnel(proxy, "connect", setup.server)
+        c.send(HEADER.pack(uuid.uuid4().bytes, 0, SIZE, CONCURRENT))
+        c.recv_exact(MIB)  # then stops reading: the tunnel stays open, full
+        assert open_tunnels_gauge(proxy) == 1
+        kushi.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert kushi.proc.wait(20) == 0
+        assert 0.8 <= time.monotonic() - started < 15
+        c.sock.close()
+        (rec,) = kushi.json_records()
+        assert rec["method"] == "CONNECT" and rec["aborted"] is True
+        assert MIB <= rec["bytes_out"] < SIZE
+        assert any("dropping 1 connections" in line for line in kushi.stderr.splitlines())
+    finally:
+        kushi.stop()
