@@ -22,6 +22,10 @@ $(VENV)/.test-deps: pyproject.toml $(BIN)/kushi
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+$(VENV)/.bench-deps: pyproject.toml $(VENV)/.test-deps
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
 run: $(BIN)/kushi
 	$(BIN)/kushi serve $(ARGS)
 
@@ -40,16 +44,16 @@ test: sysdeps lint
 unit: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
-bench: $(VENV)/.test-deps
+bench: $(VENV)/.bench-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.tls_compare
 
-bench-quick: $(VENV)/.test-deps
+bench-quick: $(VENV)/.bench-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
-bench-profile: $(VENV)/.test-deps
+bench-profile: $(VENV)/.bench-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
 	$(BIN)/python -m bench.profile $(BENCH_ARGS)
 

@@ -1,25 +1,35 @@
-"""Two figures the side-by-side tables do not show: kushi's CPU time per request, and
-the memory that 10,000 idle client connections cost.
+"""What the side-by-side tables do not show: kushi's CPU time per request, where it goes
+(a py-spy flame graph), and the memory that 10,000 idle client connections cost.
 
-    .venv/bin/python -m bench.profile [--seconds 5] [--idle 10000]
+    .venv/bin/python -m bench.profile [--seconds 5] [--idle 10000] [--no-flame]
 
 CPU time comes from /proc (user + system ticks of the kushi process while wrk drives
 keep-alive 1 KiB requests through it), so it is steadier than a req/s figure on a busy
-machine. The idle figure is kushi's RSS with that many client connections open and silent
-(spread over 127.0.0.2 and up, since each address may hold at most 256).
+machine. Then py-spy samples kushi during two more wrk runs of the same length: one
+written as a flame graph (``bench/results/profile-MODE-STAMP.svg``, open it in a browser),
+one as collapsed stacks (``.txt`` beside it) from which the functions with the most own
+time are printed; ``profile-MODE-STAMP.md`` puts the CPU figure, that list and the flame
+graph's path together (and ``profile-MODE-latest.*`` are copies of the last run). The idle
+figure is kushi's RSS with that many client connections open and silent (spread over
+127.0.0.2 and up, since each address may hold at most 256).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import resource
+import shutil
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 from bench.procs import free_port, stop_all
-from bench.run import WORK, prepare_www
+from bench.run import BENCH_DIR, WORK, prepare_www
 from bench.servers import Env, _start_kushi, start_origin
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -54,32 +64,66 @@ def wrk(url: str, proxy: str, seconds: int) -> int:
     raise RuntimeError(out)
 
 
-def spy(pid: int, url: str, proxy: str, seconds: int, out: str) -> None:
-    """py-spy's collapsed stacks while wrk runs, and a top-20 by own (leaf) samples."""
-    import collections
-    import shutil
-    import sys
-
+def py_spy() -> str:
     exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(exe):
+        raise SystemExit("bench.profile: py-spy is not installed (make bench-profile installs it)")
+    return exe
+
+
+def spy(pid: int, url: str, proxy: str, seconds: int, out: Path, fmt: str) -> None:
+    """Sample kushi with py-spy (``fmt``: flamegraph or raw) while wrk runs."""
+    argv = [py_spy(), "record", "-r", "400", "-f", fmt, "-o", str(out)]
     rec = subprocess.Popen(
-        [exe, "record", "-r", "400", "-f", "raw", "-o", out, "-d", str(seconds), "-p", str(pid)],
+        [*argv, "-d", str(seconds), "-p", str(pid)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     time.sleep(0.5)
     wrk(url, proxy, seconds)
-    rec.wait()
+    _, err = rec.communicate()
+    if rec.returncode != 0 or not out.exists():
+        raise SystemExit(f"bench.profile: py-spy failed: {err.strip()[-300:]}")
+
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def own_time(collapsed: Path, top: int = 15) -> list[str]:
+    """The samples' own (leaf) time by function and by file, and the inclusive time of
+    kushi's functions (each counted once per stack), as lines of text."""
     own: collections.Counter[str] = collections.Counter()
+    files: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
     total = 0
-    with open(out) as fh:
+    with open(collapsed) as fh:
         for line in fh:
-            stack, _, count = line.rstrip().rpartition(" ")
-            leaf = stack.rsplit(";", 1)[-1]
-            own[leaf] += int(count)
-            total += int(count)
-    print(f"py-spy: {total} samples; own time by function:")
-    for name, count in own.most_common(25):
-        print(f"  {100 * count / total:5.1f}%  {name}")
+            stack, _, count_text = line.rstrip().rpartition(" ")
+            count = int(count_text)
+            frames = []
+            for frame in stack.split(";"):
+                m = _FRAME.match(frame)
+                frames.append((m["func"], m["file"]) if m else (frame, "?"))
+            func, file = frames[-1]
+            own[f"{func} ({file})"] += count
+            files[file] += count
+            for name in {f"{f} ({p})" for f, p in frames if p.startswith("kushi/")}:
+                inclusive[name] += count
+            total += count
+    total = max(total, 1)
+
+    def block(title: str, counter: collections.Counter[str]) -> list[str]:
+        out = [title]
+        for name, count in counter.most_common(top):
+            out.append(f"  {100 * count / total:5.1f}%  {name}")
+        return out
+
+    return [
+        *block(f"py-spy: {total} samples; own time by function:", own),
+        *block("own time by file:", files),
+        *block("inclusive time of kushi's functions:", inclusive),
+    ]
 
 
 def main() -> int:
@@ -93,10 +137,12 @@ def main() -> int:
         help="profile a forward listener (absolute-form requests) or a reverse one",
     )
     parser.add_argument(
-        "--spy",
-        metavar="FILE",
-        help="also sample kushi with py-spy during a second wrk run; write collapsed "
-        "stacks to FILE and print the functions with the most own time",
+        "--no-flame",
+        action="store_true",
+        help="skip the py-spy runs (no flame graph, no own-time list)",
+    )
+    parser.add_argument(
+        "--out", default=str(BENCH_DIR / "results"), help="where the files go (bench/results)"
     )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -130,12 +176,29 @@ def main() -> int:
         requests = wrk(url, proxy, args.seconds)
         user1, sys1 = cpu_seconds(pid)
         user, system = (user1 - user0) / requests * 1e6, (sys1 - sys0) / requests * 1e6
-        print(
+        cpu_line = (
             f"CPU per keep-alive 1 KiB {args.mode} request: {user + system:.1f} us "
             f"(user {user:.1f}, system {system:.1f}) over {requests} requests"
         )
-        if args.spy:
-            spy(pid, url, proxy, args.seconds, args.spy)
+        print(cpu_line, flush=True)
+        if not args.no_flame:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            stem = f"profile-{args.mode}-{time.strftime('%Y-%m-%d-%H%M')}"
+            svg, collapsed, note = (out / f"{stem}.{ext}" for ext in ("svg", "txt", "md"))
+            spy(pid, url, proxy, args.seconds, svg, "flamegraph")
+            spy(pid, url, proxy, args.seconds, collapsed, "raw")
+            top = own_time(collapsed)
+            print("\n".join(top))
+            note.write_text(
+                f"# kushi profile, {args.mode}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
+                f"{cpu_line}\n\nFlame graph (py-spy, {args.seconds} s of wrk -t1 -c20 "
+                f"keep-alive 1 KiB): `{svg.name}`; collapsed stacks: `{collapsed.name}`.\n\n"
+                "```\n" + "\n".join(top) + "\n```\n"
+            )
+            for path in (svg, collapsed, note):
+                shutil.copyfile(path, out / f"profile-{args.mode}-latest{path.suffix}")
+            print(f"flame graph: {svg}\nsummary: {note}", flush=True)
         base = rss_mib(pid)
         for i in range(args.idle):
             s = socket.socket()

@@ -178,6 +178,54 @@ def socks_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+#: Rows of the bulk table, and the share of a direct connection issue 14 asks of kushi's
+#: tunnels: 0.8 with splice, 0.6 when they are copied.
+BULK_ROWS = (
+    "direct",
+    "squid",
+    "kushi",
+    "kushi-w2",
+    "kushi-copy",
+    "nginx-reverse",
+    "kushi-reverse",
+    "haproxy-tcp",
+    "kushi-tcp",
+    "kushi-tcp-copy",
+)
+BULK_TARGET = {"kushi": 0.8, "kushi-w2": 0.8, "kushi-tcp": 0.8, "kushi-copy": 0.6}
+BULK_TARGET["kushi-tcp-copy"] = 0.6
+
+
+def bulk_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
+    """The big body by every way a row offers, each against the direct download of the
+    same round set; kushi's tunnel rows with their target (CONNECT, or the tcp relay)."""
+    direct = aggs.get("direct")
+    base = direct["median"]["get_mbps"] if direct and direct["ran"] else None
+    lines = [
+        f"| row | GET {blob_mib} MiB, MB/s (×direct) | CONNECT (×direct) | SOCKS5 (×direct) "
+        "| tunnel target |",
+        "|---|---|---|---|---|",
+    ]
+    for name in BULK_ROWS:
+        a = aggs.get(name)
+        if a is None or not a["ran"]:
+            continue
+        m = a["median"]
+        connect = m.get("connect_mbps") if name != "direct" else None
+        cells = [f"**{name}**", _cell(m.get("get_mbps"), [base])]
+        cells.append(_cell(connect, [base]) if connect is not None else "–")
+        cells.append(_cell(m.get("socks_mbps"), [base]) if m.get("socks_mbps") else "–")
+        target = BULK_TARGET.get(name)
+        tunnel = m.get("get_mbps") if name.startswith("kushi-tcp") else connect
+        if target is None or tunnel is None or not base:
+            cells.append("–")
+        else:
+            verdict = "met" if tunnel / base >= target else "**not met**"
+            cells.append(f"≥ {target:.1f}× direct: {verdict} ({tunnel / base:.2f}×)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def reverse_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
     """Reverse proxies (against nginx) and TCP relays (against HAProxy in mode tcp)."""
 
@@ -320,6 +368,14 @@ def render(
         "",
         socks_table(aggs, blob_mib) or "(no kushi forward row ran)",
         "",
+        f"## Bulk: {blob_mib} MiB through each kind of tunnel",
+        "",
+        "kushi's tunnels between two plain TCP sockets are spliced (`splice(2)`, the kernel "
+        "moves the bytes); the `-copy` rows run with `splice = false`, as a tunnel with TLS "
+        "on one side would be. curl writes the body to a file in every row, direct included.",
+        "",
+        bulk_table(aggs, blob_mib) or "(no bulk row ran)",
+        "",
         "## Reverse proxies and TCP relays",
         "",
         "The anchor is nginx for reverse rows and HAProxy in mode tcp for tcp rows.",
@@ -344,16 +400,23 @@ def render(
 
 
 def write(
-    out_dir: Path, stamp: str, markdown: str, raw: dict[str, Any], partial: bool
+    out_dir: Path,
+    stamp: str,
+    markdown: str,
+    raw: dict[str, Any],
+    partial: bool,
+    svg: str | None = None,
 ) -> list[Path]:
-    """STAMP.md and STAMP.json, and latest.md / latest.json unless the run was partial."""
+    """STAMP.md, STAMP.json and the plot STAMP.svg, and latest.md / latest.json /
+    latest.svg unless the run was partial."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(raw, indent=2, sort_keys=False) + "\n"
     if partial:
         stamp += "-interrupted"
-    files = [(out_dir / f"{stamp}.md", markdown), (out_dir / f"{stamp}.json", text)]
+    outputs = [("md", markdown), ("json", text)] + ([("svg", svg)] if svg else [])
+    files = [(out_dir / f"{stamp}.{ext}", content) for ext, content in outputs]
     if not partial:
-        files += [(out_dir / "latest.md", markdown), (out_dir / "latest.json", text)]
+        files += [(out_dir / f"latest.{ext}", content) for ext, content in outputs]
     for path, content in files:
         path.write_text(content)
     return [path for path, _ in files]

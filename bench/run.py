@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import clients, report
+from bench import clients, plot, report
 from bench.procs import (
     BenchError,
     RssSampler,
@@ -157,44 +157,47 @@ def measure(row: Row, env: Env, s: Settings, blob: Blob) -> dict[str, Any]:
         forward = row.kind == "forward"
         proxy = running.hostport if forward else None
 
-        # 1. wrk, keep-alive, 1 KiB.
-        script = WORK / f"wrk-{row.name}.lua"
-        if forward:
-            clients.write_wrk_script(
-                script, f"{env.origin_url}/{ONE_KIB}", host_header=env.origin_authority
-            )
-            url = f"http://{running.hostport}/"
-        else:
-            clients.write_wrk_script(script, f"/{ONE_KIB}", host_header=None)
-            url = f"http://{running.hostport}/{ONE_KIB}"
-        try:
-            clients.wrk(url, script, s.warmup)
-            if root:
-                with RssSampler(root, 0.1) as sampler:
-                    w = clients.wrk(url, script, s.duration)
-                res["rss_load_mib"] = _mib(sampler.peak_kib)
+        if not row.bulk_only:  # a splice = false variant: its request rates are kushi's
+            # 1. wrk, keep-alive, 1 KiB.
+            script = WORK / f"wrk-{row.name}.lua"
+            if forward:
+                clients.write_wrk_script(
+                    script, f"{env.origin_url}/{ONE_KIB}", host_header=env.origin_authority
+                )
+                url = f"http://{running.hostport}/"
             else:
-                w = clients.wrk(url, script, s.duration)
-            res["wrk"] = w.as_dict()
-            res["wrk_rps"] = w.rps
-            res["wrk_p50_ms"] = w.p50_ms
-            res["wrk_p99_ms"] = w.p99_ms
-            if w.errors:
-                problems.append(f"wrk: {w.error_text()}")
-            print(f"    wrk: {w.rps:,.0f} req/s, p99 {w.p99_ms:.2f} ms", flush=True)
-        except BenchError as exc:
-            problems.append(str(exc))
-        # 2. ab, no keep-alive (forward proxies and the direct baseline).
-        if row.kind in ("forward", "direct"):
+                clients.write_wrk_script(script, f"/{ONE_KIB}", host_header=None)
+                url = f"http://{running.hostport}/{ONE_KIB}"
             try:
-                a = clients.ab(f"{env.origin_url}/{ONE_KIB}", proxy, s.ab_requests, s.ab_time_limit)
-                res["ab"] = a.as_dict()
-                res["ab_rps"] = a.rps
-                if a.errors:
-                    problems.append(f"ab: {a.error_text()}")
-                print(f"    ab:  {a.rps:,.0f} req/s ({a.complete} requests)", flush=True)
+                clients.wrk(url, script, s.warmup)
+                if root:
+                    with RssSampler(root, 0.1) as sampler:
+                        w = clients.wrk(url, script, s.duration)
+                    res["rss_load_mib"] = _mib(sampler.peak_kib)
+                else:
+                    w = clients.wrk(url, script, s.duration)
+                res["wrk"] = w.as_dict()
+                res["wrk_rps"] = w.rps
+                res["wrk_p50_ms"] = w.p50_ms
+                res["wrk_p99_ms"] = w.p99_ms
+                if w.errors:
+                    problems.append(f"wrk: {w.error_text()}")
+                print(f"    wrk: {w.rps:,.0f} req/s, p99 {w.p99_ms:.2f} ms", flush=True)
             except BenchError as exc:
                 problems.append(str(exc))
+            # 2. ab, no keep-alive (forward proxies and the direct baseline).
+            if row.kind in ("forward", "direct"):
+                try:
+                    a = clients.ab(
+                        f"{env.origin_url}/{ONE_KIB}", proxy, s.ab_requests, s.ab_time_limit
+                    )
+                    res["ab"] = a.as_dict()
+                    res["ab_rps"] = a.rps
+                    if a.errors:
+                        problems.append(f"ab: {a.error_text()}")
+                    print(f"    ab:  {a.rps:,.0f} req/s ({a.complete} requests)", flush=True)
+                except BenchError as exc:
+                    problems.append(str(exc))
 
         if forward:
             try:
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(s.out)
     if not out.is_absolute():
         out = Path.cwd() / out
-    paths = report.write(out, stamp, markdown, raw, partial=interrupted)
+    svg = plot.render_svg(aggs, s.blob_mib, f"kushi benchmark, {started}")
+    paths = report.write(out, stamp, markdown, raw, partial=interrupted, svg=svg)
     shown = ", ".join(str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in paths)
     print(f"bench: wrote {shown} in {settings['elapsed_s']:.0f} s", flush=True)
     return exit_code

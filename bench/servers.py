@@ -66,6 +66,8 @@ class Row:
     start: Callable[[Env], Running]
     # Returns None when the row can run, or a sentence saying why it is skipped.
     available: Callable[[Env], str | None]
+    #: Only the big downloads (no wrk, no ab): a variant that differs in its tunnels only.
+    bulk_only: bool = False
 
 
 def _which(binary: str) -> Callable[[Env], str | None]:
@@ -411,7 +413,7 @@ def _start_kushi(name: str, env: Env, toml: str, port: int) -> Running:
     return Running(m, "127.0.0.1", port)
 
 
-def _kushi_forward(workers: int) -> Callable[[Env], Running]:
+def _kushi_forward(workers: int, splice: bool = True) -> Callable[[Env], Running]:
     def start(env: Env) -> Running:
         port = free_port()
         toml = f"""\
@@ -424,14 +426,15 @@ egress = "prefer-ipv6"
 access_log = ""          # off
 log_level = "warning"
 workers = {workers}
+splice = {"true" if splice else "false"}
 """
         name = "kushi" if workers == 1 else f"kushi-w{workers}"
-        return _start_kushi(name, env, toml, port)
+        return _start_kushi(name if splice else f"{name}-copy", env, toml, port)
 
     return start
 
 
-def _kushi_listener(mode: str) -> Callable[[Env], Running]:
+def _kushi_listener(mode: str, splice: bool = True) -> Callable[[Env], Running]:
     """kushi with one reverse or tcp ``[[listener]]`` in front of the origin, 1 worker."""
 
     def start(env: Env) -> Running:
@@ -441,13 +444,15 @@ def _kushi_listener(mode: str) -> Callable[[Env], Running]:
 access_log = ""          # off
 log_level = "warning"
 workers = 1
+splice = {"true" if splice else "false"}
 
 [[listener]]
 mode = "{mode}"
 listen = ["127.0.0.1:{port}"]
 backend = ["{backend}"]
 """
-        return _start_kushi(f"kushi-{mode}", env, toml, port)
+        name = f"kushi-{mode}" if splice else f"kushi-{mode}-copy"
+        return _start_kushi(name, env, toml, port)
 
     return start
 
@@ -468,6 +473,14 @@ ROWS: list[Row] = [
     Row("proxy.py", "forward", "proxy.py --num-workers 2", start_proxypy, ensure_proxypy),
     Row("kushi", "forward", "kushi forward, workers = 1", _kushi_forward(1), kushi_available),
     Row("kushi-w2", "forward", "kushi forward, workers = 2", _kushi_forward(2), kushi_available),
+    Row(
+        "kushi-copy",
+        "forward",
+        "kushi forward, workers = 1, `splice = false`: tunnels copied through kushi (bulk only)",
+        _kushi_forward(1, splice=False),
+        kushi_available,
+        bulk_only=True,
+    ),
     Row(
         "nginx-reverse",
         "reverse",
@@ -496,6 +509,14 @@ ROWS: list[Row] = [
         "kushi tcp listener, workers = 1",
         _kushi_listener("tcp"),
         kushi_available,
+    ),
+    Row(
+        "kushi-tcp-copy",
+        "tcp",
+        "kushi tcp listener, workers = 1, `splice = false` (bulk only)",
+        _kushi_listener("tcp", splice=False),
+        kushi_available,
+        bulk_only=True,
     ),
 ]
 

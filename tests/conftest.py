@@ -72,6 +72,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 OriginFactory = Callable[..., OriginProcess]
 
 
+@pytest.fixture(autouse=True)
+def _stop_leftover_kushi() -> Iterator[None]:
+    """Stop every kushi a test started and left running (it failed before its own stop).
+    Those of wider-scoped fixtures were started before this and are left to them."""
+    from support.kushi_proc import STARTED
+
+    before = len(STARTED)
+    yield
+    started, STARTED[before:] = STARTED[before:], []
+    for kushi in started:
+        kushi.stop()
+
+
 @pytest.fixture
 def origin_factory(tmp_path: Path) -> Iterator[OriginFactory]:
     """``origin_factory(listen=("[::1]:0", "127.0.0.1:0"), *, ns=None, name="origin",

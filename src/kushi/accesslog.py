@@ -49,6 +49,8 @@ class AccessRecord:
     aborted: bool = False
     #: The TLS version when the client came over TLS ("TLSv1.3"), else "".
     tls: str = ""
+    #: A tunnel whose bytes splice(2) moved socket to socket in the kernel (``splice``).
+    spliced: bool = False
 
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: three times slower than this.)

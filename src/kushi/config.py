@@ -237,6 +237,9 @@ class Config:
     #: Worker processes sharing the listeners; one per core unless set.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     dns_cache_ttl: float = 30.0
+    #: Tunnels between two plain TCP sockets move their bytes with splice(2) (Linux),
+    #: never through user space; false copies them as TLS tunnels are.
+    splice: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     admin_listen: tuple[Address, ...] = (Address("127.0.0.1", 9128),)
@@ -272,6 +275,7 @@ GLOBAL_KEYS = {
     "log_level",
     "workers",
     "dns_cache_ttl",
+    "splice",
     "admin_listen",
     "admin_allow",
     "admin_names",
@@ -922,6 +926,8 @@ def _global_value(key: str, value: Any) -> Any:
         return workers or (os.cpu_count() or 1)
     if key == "dns_cache_ttl":
         return float(_number(key, value))
+    if key == "splice":
+        return _bool(key, value)
     if key == "admin_listen":
         if value in ("", [], "off", [""], ["off"]):
             return ()

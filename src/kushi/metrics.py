@@ -153,6 +153,13 @@ class Metrics:
             ["listener", "mode", "family"],
             registry=registry,
         )
+        self.spliced = Counter(
+            "kushi_tunnel_splice",
+            "Tunnels whose bytes splice(2) moved socket to socket in the kernel (config "
+            "splice; both ends plain TCP).",
+            ["listener", "mode"],
+            registry=registry,
+        )
         self.socks = Counter(
             "kushi_socks_sessions",
             "SOCKS5 sessions (on SOCKS and forward listeners), by command (connect, udp, or "
@@ -263,6 +270,7 @@ class Metrics:
             self._sources = [
                 self.requests,
                 self.tunnels,
+                self.spliced,
                 self.socks,
                 self.datagrams,
                 self.tls_failures,
@@ -303,6 +311,9 @@ class Metrics:
         if is_tunnel(record):
             key = (self.tunnels, record.listener, record.mode, family)
             pending[key] = pending.get(key, 0) + 1
+            if record.spliced:
+                key = (self.spliced, record.listener, record.mode)
+                pending[key] = pending.get(key, 0) + 1
         command = socks_command(record)
         if command is not None:
             key = (

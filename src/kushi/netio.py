@@ -232,6 +232,14 @@ class Conn(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def pause_reading(self) -> None:
+        """Stop reading from the socket until the next ``fill`` or ``read_some`` (which
+        resume it): a tunnel that splices leaves the socket's reading to the kernel."""
+        transport = self.transport
+        if not self._read_paused and transport is not None and not transport.is_closing():
+            self._read_paused = True
+            transport.pause_reading()
+
     # --- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
@@ -278,6 +286,12 @@ class Conn(asyncio.Protocol):
             pass
 
     # --- closing -------------------------------------------------------------------------
+
+    @property
+    def encrypted(self) -> bool:
+        """TLS runs between kushi and this socket (a TLS listener's client, or a
+        ``start_tls`` upstream): the socket's bytes are not the stream's."""
+        return self._tls or self._ssl is not None
 
     @property
     def closed(self) -> bool:

@@ -29,7 +29,7 @@ from kushi.netio import Conn
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Resolver, ip_literal
 from kushi.source import Source, SourcePlan
-from kushi.tunnel import relay
+from kushi.tunnel import relay_tunnel
 
 log = logging.getLogger("kushi")
 
@@ -315,12 +315,16 @@ class Services:
         (Squid's TCP_TUNNEL_ABORTED); a close from either side is a normal end."""
         self.open_tunnels += 1
         try:
-            moved = await relay(a, b, self.config.timeouts.tunnel_idle)
+            moved = await relay_tunnel(
+                a, b, self.config.timeouts.tunnel_idle, splice=self.config.splice
+            )
         finally:
             self.open_tunnels -= 1
-        if record is not None and (a.reset or b.reset):
-            record.aborted = True
-        return moved
+        if record is not None:
+            record.spliced = moved.spliced
+            if a.reset or b.reset:
+                record.aborted = True
+        return moved.a_to_b, moved.b_to_a
 
     def record(self, listener: ListenerState, record: AccessRecord) -> None:
         listener.access_log.write(record)

@@ -70,6 +70,11 @@ def _sets_workers(argv: Sequence[str]) -> bool:
     return False
 
 
+#: Every Kushi started, so a test that fails before stopping its kushi does not leave it
+#: running (holding ports, such as the default admin 127.0.0.1:9128, that later tests bind).
+STARTED: list[Kushi] = []
+
+
 class Kushi:
     """A kushi subprocess. ``argv`` is the command line after ``kushi``.
 
@@ -102,6 +107,7 @@ class Kushi:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=workdir, env=full_env)
+        STARTED.append(self)
         self.netns = netns
         for host, port in wait_for:
             self.wait_port(host, port)
