@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 # haproxy for the scale-out case, chromium for the status page and PAC tests, openssl,
 # calamaris to read the Squid-format access log as Squid log tools do, systemd for
 # systemd-analyze on the unit, util-linux for setpriv and unshare, netcat-openbsd for
-# `nc -X 5`, the SOCKS5 client ssh users put in ProxyCommand).
-TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl calamaris systemd util-linux netcat-openbsd
+# `nc -X 5`, the SOCKS5 client ssh users put in ProxyCommand, tayga as the NAT64
+# translator in front of an IPv4-only origin).
+TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl calamaris systemd util-linux netcat-openbsd tayga
 BENCH_SYSPKGS := wrk apache2-utils nginx-light squid tinyproxy curl
 
 .PHONY: run test lint unit sysdeps bench bench-quick bench-profile soak clean

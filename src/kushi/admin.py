@@ -242,6 +242,7 @@ def attach(server: Server, multiprocess_dir: str | None = None) -> Metrics:
 
         metrics = Metrics(multiprocess_dir=multiprocess_dir)
         server.services.hooks.append(metrics.observe)
+        server.services.resolver.observer = metrics
         _attached[server] = metrics
     return metrics
 

@@ -811,11 +811,15 @@ def proxy_status(
     details: str | None = None,
     next_hop: str | None = None,
     received_status: int | None = None,
+    params: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
-    """One Proxy-Status member (RFC 9209 section 2) for this proxy."""
+    """One Proxy-Status member (RFC 9209 section 2) for this proxy; ``params`` are the
+    error type's own (``rcode`` of ``dns_error``), as strings."""
     parts = [name]
     if error:
         parts.append(f"error={error}")
+    for key, value in params:
+        parts.append(f"{key}={sf_string(value)}")
     if next_hop:
         parts.append(f"next-hop={sf_string(next_hop)}")
     if received_status is not None:
@@ -846,7 +850,13 @@ def render_error(
         (b"Content-Length", str(len(body)).encode()),
         (
             b"Proxy-Status",
-            proxy_status(proxy_name, error=exc.error_type, details=exc.details, next_hop=next_hop),
+            proxy_status(
+                proxy_name,
+                error=exc.error_type,
+                details=exc.details,
+                next_hop=next_hop,
+                params=exc.params,
+            ),
         ),
         (b"Cache-Control", b"no-store"),
     ]

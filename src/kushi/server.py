@@ -46,6 +46,7 @@ from kushi.errors import (
 from kushi.netio import Conn, serve_socket
 from kushi.proxy import PROXY_NAME, HttpSession
 from kushi.proxyproto import parse as parse_proxy_header
+from kushi.resolver import Nat64
 from kushi.routing import ClientInfo
 from kushi.runtime import ListenerState, Services
 from kushi.socks5 import VERSION as SOCKS_VERSION
@@ -188,11 +189,22 @@ class Server:
         for state in self.states.values():
             if state.allow.names:
                 await state.allow.refresh(self.services.resolver)
+        # NAT64: the IPv4 route is checked and the prefix discovered (RFC 7050) before
+        # the first client, then again on a timer.
+        nat64 = self.services.connector.nat64
+        if nat64 is not None and nat64.mode != "off":
+            await nat64.refresh(self.services.resolver)
+            self.background.append(asyncio.ensure_future(self._nat64(nat64)))
         for cfg in self.config.listeners:
             for sock in self.sockets[cfg.name]:
                 server = await serve_socket(sock, self._handler(cfg.name), self.connections)
                 self.servers.append(server)
         self.background.append(asyncio.ensure_future(self._housekeeping()))
+
+    async def _nat64(self, nat64: Nat64) -> None:
+        while True:
+            await asyncio.sleep(nat64.interval)
+            await nat64.refresh(self.services.resolver)
 
     def _handler(self, name: str) -> Callable[[Conn], Coroutine[Any, Any, None]]:
         async def handle(conn: Conn) -> None:

@@ -51,6 +51,7 @@ async def serve_tcp(
         record.upstream = upstream.next_hop
         record.family = upstream.family
         record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.notes = upstream.report_notes
         record.connect_ms = round(upstream.connect_time * 1000, 3)
         if state.cfg.backend_proxy_protocol:
             upstream.conn.write(
