@@ -265,14 +265,14 @@ class Connector:
 
     def families(self, policy: EgressPolicy) -> tuple[tuple[RdType, ...], bool]:
         """The record types to ask for under ``policy``, preferred first, and whether the
-        others are wanted only when the preferred one has no address (ipv6-only behind
-        NAT64: A records only for synthesis)."""
+        others are wanted only when the preferred one has no address. Under ``ipv6-only``
+        an A answer is never waited for: it is used only for a name without AAAA records,
+        to synthesize NAT64 addresses or to say what the name has (and ``ipv4-only``
+        likewise)."""
         if policy.mode == "ipv6-only":
-            if self._synthesis(policy) is not None:
-                return ("AAAA", "A"), True
-            return ("AAAA",), False
+            return ("AAAA", "A"), True
         if policy.mode == "ipv4-only":
-            return ("A",), False
+            return ("A", "AAAA"), True
         if policy.mode == "prefer-ipv4":
             return ("A", "AAAA"), False
         return ("AAAA", "A"), False

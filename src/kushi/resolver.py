@@ -285,15 +285,18 @@ class Resolver:
         return tuple(dict.fromkeys(addrs))
 
     def cached(self, host: str, families: Sequence[RdType]) -> Batch | None:
-        """The answer for ``host`` without waiting, when ``/etc/hosts`` or fresh cache
-        entries of every family in ``families`` give it (one dict look-up per family)."""
+        """The answer for ``host`` without waiting, when it is a literal, ``/etc/hosts``
+        lists it, or fresh cache entries of every family in ``families`` give it (one dict
+        look-up per family)."""
         literal = ip_literal(host)
         if literal is not None:
             return Batch((literal,))
         key = host.lower().rstrip(".")
         listed = self.hosts.lookup(key)
         if listed is not None:
-            return Batch(self._hosts_filter(listed, families))
+            # Every address the hosts file lists: the egress policy filters by family and
+            # says what the name has when nothing of the wanted family is left.
+            return Batch(listed)
         now = self.clock()
         addrs: tuple[IPAddress, ...] = ()
         notes: list[str] = []
@@ -329,11 +332,8 @@ class Resolver:
         telling DNS error when no family gives an address."""
         fast = self.cached(host, families)
         if fast is not None:
-            if fast.addrs:
-                yield fast
-                return
-            if ip_literal(host) is None and self.hosts.lookup(host.lower().rstrip(".")):
-                raise DNSError(f"{host} has no address of the wanted family in the hosts file")
+            yield fast
+            return
         key = host.lower().rstrip(".")
         if not key or len(key) > 253:
             raise DNSError(f"{host!r} is not a valid host name")
@@ -421,13 +421,6 @@ class Resolver:
     def _count(self, result: str) -> None:
         if self.observer is not None:
             self.observer.dns_cache(result)
-
-    @staticmethod
-    def _hosts_filter(
-        addrs: tuple[IPAddress, ...], families: Sequence[RdType]
-    ) -> tuple[IPAddress, ...]:
-        versions = {6 if rd == "AAAA" else 4 for rd in families}
-        return tuple(a for a in addrs if a.version in versions)
 
     def _store(self, key: tuple[str, RdType], entry: _Entry) -> None:
         cache = self._cache

@@ -128,9 +128,7 @@ class DNSServer:
         self.loop = loop
         self._stop = asyncio.Event()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        udp = socket.socket(family, socket.SOCK_DGRAM)
-        udp.bind((self.host, self.port))
-        self.port = udp.getsockname()[1]
+        tcp_sock, udp = self._bind(family)
         server = self
 
         class Udp(asyncio.DatagramProtocol):
@@ -159,7 +157,7 @@ class DNSServer:
                     await writer.drain()
             writer.close()
 
-        tcp_server = await asyncio.start_server(tcp, self.host, self.port, family=family)
+        tcp_server = await asyncio.start_server(tcp, sock=tcp_sock)
         if ready is not None:
             ready()
         try:
@@ -167,6 +165,26 @@ class DNSServer:
         finally:
             transport.close()
             tcp_server.close()
+
+    def _bind(self, family: int) -> tuple[socket.socket, socket.socket]:
+        """A TCP and a UDP socket on one port (``self.port``, or a free one for 0)."""
+        for _ in range(50):
+            tcp_sock = socket.socket(family, socket.SOCK_STREAM)
+            tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                tcp_sock.bind((self.host, self.port))
+                udp.bind((self.host, tcp_sock.getsockname()[1]))
+            except OSError:
+                tcp_sock.close()
+                udp.close()
+                if self.port:
+                    raise
+                continue
+            tcp_sock.listen(16)
+            self.port = tcp_sock.getsockname()[1]
+            return tcp_sock, udp
+        raise OSError("no free port for the test DNS server")
 
     def start_thread(self) -> DNSServer:
         started = threading.Event()
