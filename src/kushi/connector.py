@@ -25,7 +25,7 @@ import errno
 import ipaddress
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -41,7 +41,6 @@ from kushi.errors import (
 from kushi.netio import Conn, fmt_addr
 from kushi.resolver import (
     WELL_KNOWN_NAT64,
-    Batch,
     IPAddress,
     Nat64,
     RdType,
@@ -220,6 +219,12 @@ class Connector:
     ) -> Upstream:
         """Resolve, order by ``policy``, drop what ``check`` (and the connector's own check)
         refuses, and race the rest; addresses that arrive later join the race."""
+        ready = self._cached(host, port, policy, check)
+        if ready is not None:  # a literal, /etc/hosts or the cache: no generator needed
+            upstream = await self.race(host, port, ready[0], policy)
+            if ready[1]:
+                upstream.notes = ready[1]
+            return upstream
         stream = self._stream(host, port, policy, check)
         try:
             first, notes = await anext(stream)
@@ -240,6 +245,9 @@ class Connector:
     ) -> list[tuple[IPAddress, Family]]:
         """The addresses kushi may use for ``host``:``port``, in the policy's order (every
         answer waited for)."""
+        ready = self._cached(host, port, policy, check)
+        if ready is not None:
+            return ready[0]
         out: list[tuple[IPAddress, Family]] = []
         async for batch, _notes in self._stream(host, port, policy, check):
             out.extend(batch)
@@ -256,6 +264,9 @@ class Connector:
         order and the destination policy allow, from the first answer that has one. There is
         no handshake to race, so no Happy Eyeballs: an application protocol over UDP (DNS,
         QUIC) retries by itself."""
+        ready = self._cached(host, port, policy, check)
+        if ready is not None:
+            return ready[0][0]
         stream = self._stream(host, port, policy, check)
         try:
             batch, _notes = await anext(stream)
@@ -306,6 +317,40 @@ class Connector:
                 return extract(addr, prefix)
         return None
 
+    def _cached(
+        self,
+        host: str,
+        port: int,
+        policy: EgressPolicy,
+        check: DestinationCheck | None,
+    ) -> Arrival | None:
+        """The candidates when no query is needed (a literal, /etc/hosts, fresh cache
+        entries), or None. Raises like ``_stream`` when none of them may be used."""
+        families, fallback_only = self.families(policy)
+        resolver = self.resolver
+        batch = resolver.cached(host, families[:1] if fallback_only else families)
+        if batch is None and fallback_only:  # no AAAA address (ipv6-only): is A cached?
+            batch = resolver.cached(host, families)
+        if batch is None:
+            return None
+        policy = self._effective(policy)
+        refused: list[str] = []
+        addrs = self._synthesized(batch.addrs, policy)
+        allowed = self._allowed(order_addresses(host, addrs, policy), port, policy, check, refused)
+        if not allowed:
+            raise DestinationProhibited(f"{host} port {port}: " + "; ".join(refused[:3]))
+        return allowed, batch.notes
+
+    def _synthesized(
+        self, addrs: tuple[IPAddress, ...], policy: EgressPolicy
+    ) -> tuple[IPAddress, ...]:
+        prefix = self._synthesis(policy)
+        if prefix is None:
+            return addrs
+        return tuple(
+            synthesize(a, prefix) if isinstance(a, ipaddress.IPv4Address) else a for a in addrs
+        )
+
     async def _stream(
         self,
         host: str,
@@ -317,26 +362,15 @@ class Connector:
         and checked by the destination policy; only non-empty batches are yielded. When no
         batch had a usable address, the error says why (family or policy)."""
         policy = self._effective(policy)
-        prefix = self._synthesis(policy)
         families, fallback_only = self.families(policy)
         seen: list[IPAddress] = []
         refused: list[str] = []
         given = False
-        cached = self.resolver.cached(host, families)
-        batches: AsyncIterator[Batch]
-        if cached is not None and cached.addrs:
-            batches = _one(cached)
-        else:
-            batches = self.resolver.arrivals(
-                host, families, policy.resolution_delay, fallback_only=fallback_only
-            )
+        batches = self.resolver.arrivals(
+            host, families, policy.resolution_delay, fallback_only=fallback_only
+        )
         async for batch in batches:
-            addrs = batch.addrs
-            if prefix is not None:
-                addrs = tuple(
-                    synthesize(a, prefix) if isinstance(a, ipaddress.IPv4Address) else a
-                    for a in addrs
-                )
+            addrs = self._synthesized(batch.addrs, policy)
             seen.extend(addrs)
             try:
                 ordered = order_addresses(host, addrs, policy)
@@ -575,10 +609,6 @@ async def _open(addr: IPAddress, port: int) -> Conn:
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
     _transport, conn = await loop.create_connection(Conn, str(addr), port, family=family)
     return conn
-
-
-async def _one(batch: Batch) -> AsyncIterator[Batch]:
-    yield batch
 
 
 async def _close(stream: AsyncGenerator[Any, None]) -> None:

@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.message
@@ -152,6 +153,18 @@ def has_ipv4_route() -> bool:
 
 
 # --- what the resolver reports --------------------------------------------------------------
+
+
+class _ConnectedBackend(type(dns.asyncbackend.get_backend("asyncio"))):  # type: ignore[misc]
+    """dnspython's asyncio backend with connected UDP sockets, as glibc uses: a nameserver
+    that is not there (ICMP port unreachable) fails the query at once instead of after
+    the timeout."""
+
+    def datagram_connection_required(self) -> bool:
+        return True
+
+
+_BACKEND = _ConnectedBackend()
 
 
 class DNSObserver(Protocol):
@@ -479,6 +492,7 @@ class Resolver:
                 rdtype,
                 raise_on_no_answer=False,
                 search=True,
+                backend=_BACKEND,
             )
             ttl = max(0.0, answer.expiration - time.time())
             if answer.rrset is not None:
@@ -590,7 +604,11 @@ def _server_errors(exc: dns.resolver.NoNameservers) -> tuple[str | None, str]:
             rcode = dns.rcode.to_text(response.rcode())
         elif isinstance(err, str) and re.fullmatch(r"[A-Z]+", err):
             rcode = err
-        texts.append(f"{str(server).removeprefix('Do53:')} answered {err}")
+        where = str(server).removeprefix("Do53:")
+        if isinstance(err, OSError):
+            texts.append(f"{where}: {(err.strerror or type(err).__name__).lower()}")
+        else:
+            texts.append(f"{where} answered {err}")
     return rcode, "; ".join(dict.fromkeys(texts)) or "no nameserver answered"
 
 
