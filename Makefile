@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl calamaris systemd util-linux netcat-openbsd tayga
 BENCH_SYSPKGS := wrk apache2-utils nginx-light squid tinyproxy curl
 
-.PHONY: run test lint unit sysdeps bench bench-quick bench-profile soak clean
+.PHONY: run test lint unit sysdeps bench bench-quick bench-profile bench-dns soak clean
 
 $(BIN)/kushi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ bench-quick: $(VENV)/.test-deps
 bench-profile: $(VENV)/.test-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
 	$(BIN)/python -m bench.profile $(BENCH_ARGS)
+
+# The resolver against main: cached-name cost, and request time with slow/lost DNS answers
+# (root: network namespaces). OLD=REF compares with another git ref.
+bench-dns: $(VENV)/.test-deps
+	$(BIN)/python -m bench.resolver --old $(or $(OLD),main)
+	$(BIN)/python -m bench.dns_faults --old $(or $(OLD),main)
 
 soak: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q -m soak --run-soak tests $(PYTEST_ARGS)
