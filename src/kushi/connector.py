@@ -551,8 +551,9 @@ class Connector:
         finally:
             for task in running:
                 task.cancel()
-            if arrival is not None:
+            if arrival is not None and not arrival.done():
                 arrival.cancel()
+                await asyncio.wait([arrival])  # the generator is free to close only then
             if more is not None:
                 await _close(more)
         return self._fail(host, port, attempts, policy)

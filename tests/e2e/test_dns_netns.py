@@ -60,6 +60,7 @@ FAST = 1.0
 
 ORIGIN6, ORIGIN4 = "2001:db8:53::2", "203.0.113.2"
 OTHER6, OTHER4 = "2001:db8:53::3", "203.0.113.3"
+NOBODY4 = "203.0.113.99"
 
 ZONE: dict[str, Any] = {
     "$negative_ttl": 60,
@@ -68,6 +69,9 @@ ZONE: dict[str, Any] = {
     "lost6.test": {"AAAA": [ORIGIN6], "A": [ORIGIN4], "drop": ["AAAA"]},
     "slow4.test": {"AAAA": [ORIGIN6], "A": [ORIGIN4], "delay": {"A": SLOW}},
     "moving.test": {"A": [ORIGIN4], "ttl": 2},
+    # The A record points at an address on the link where no host answers (the attempt
+    # hangs in ARP); the AAAA answer comes 0.5 s later and must join the race.
+    "join6.test": {"AAAA": [ORIGIN6], "A": [NOBODY4], "delay": {"AAAA": 0.5}},
     "stale.test": {"AAAA": [ORIGIN6], "ttl": 1},
     "broken.test": {"rcode": "SERVFAIL"},
 }
@@ -244,6 +248,15 @@ def test_slow_a_does_not_delay_ipv6(dnsnet: DnsNet) -> None:
     (record,) = kushi_records(dnsnet.kushi, "slow4.test")
     assert record["family"] == "ipv6"
     assert record["upstream"] == f"[{ORIGIN6}]:80"
+
+
+def test_a_late_aaaa_answer_joins_the_race(dnsnet: DnsNet) -> None:
+    r = fetch(dnsnet, "join6.test", "/1k?join6")
+    assert (r.returncode, r.status, r.body) == (0, 200, ONE_K), r.stderr
+    assert r.elapsed < 1.5, f"{r.elapsed:.2f} s"
+    (record,) = kushi_records(dnsnet.kushi, "join6.test")
+    assert record["family"] == "ipv6"
+    assert any(a.startswith(f"ipv4 {NOBODY4}:80 no answer") for a in record["attempts"]), record
 
 
 def test_a_record_change_is_picked_up_after_its_ttl(dnsnet: DnsNet) -> None:

@@ -383,3 +383,22 @@ def test_connector_synthesizes_for_a_only_names_and_checks_the_ipv4(
     # Names with AAAA records are not synthesized, and A is not waited for.
     dual = asyncio.run(connector.candidates("slow4.test", 80, policy))
     assert dual == [(ipaddress.IPv6Address("2001:db8::8"), "ipv6")]
+
+
+def test_lookup_times_and_cache_results_reach_metrics(server: DNSServer, hosts: Path) -> None:
+    from kushi.metrics import Metrics
+
+    metrics = Metrics()
+    resolver = make(server, hosts)
+    resolver.observer = metrics
+
+    async def main() -> None:
+        await resolver.resolve("dual.test")
+        await resolver.resolve("dual.test")
+
+    asyncio.run(main())
+    text = metrics.render().decode()
+    assert 'kushi_dns_lookup_seconds_count{type="AAAA"} 1.0' in text
+    assert 'kushi_dns_lookup_seconds_count{type="A"} 1.0' in text
+    assert 'kushi_dns_cache_total{result="miss"} 2.0' in text
+    assert 'kushi_dns_cache_total{result="hit"} 2.0' in text
