@@ -426,10 +426,15 @@ class Resolver:
             self._count("miss")
             task = asyncio.ensure_future(self._query(key, rdtype, entry))
             self._inflight[cache_key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(cache_key, None))
+            task.add_done_callback(lambda t: self._done(cache_key, t))
         return _result(await asyncio.shield(task))
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _done(self, key: tuple[str, RdType], task: asyncio.Task[_Entry]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have moved on (a lost AAAA)
 
     def _count(self, result: str) -> None:
         if self.observer is not None:

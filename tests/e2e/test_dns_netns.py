@@ -61,6 +61,7 @@ FAST = 1.0
 ORIGIN6, ORIGIN4 = "2001:db8:53::2", "203.0.113.2"
 OTHER6, OTHER4 = "2001:db8:53::3", "203.0.113.3"
 NOBODY4 = "203.0.113.99"
+STARTED = time.monotonic()
 
 ZONE: dict[str, Any] = {
     "$negative_ttl": 60,
@@ -310,6 +311,15 @@ def test_stale_answer_when_the_resolver_is_down(dnsnet: DnsNet) -> None:
         assert "error=dns_" in down.headers["proxy-status"]
     finally:
         dnsnet.dns.start()
+
+
+def test_no_unexpected_errors_in_kushi(dnsnet: DnsNet) -> None:
+    """The queries left behind (the lost AAAA, answers after the race was won) ended
+    quietly: nothing unretrieved, no traceback."""
+    time.sleep(max(0.0, DNS_TIMEOUT + 0.5 - (time.monotonic() - STARTED)))
+    assert dnsnet.kushi.proc.poll() is None
+    assert "Traceback" not in dnsnet.kushi.stderr, dnsnet.kushi.stderr[-3000:]
+    assert "never retrieved" not in dnsnet.kushi.stderr
 
 
 # --- NAT64 --------------------------------------------------------------------------------
