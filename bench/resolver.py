@@ -17,8 +17,9 @@ times in a row on a warm cache, in a fresh process per tree:
   answer).
 
 ``--old REF`` (default ``main``) is exported with ``git archive`` to a temporary directory
-and run with ``PYTHONPATH`` pointing there. Prints microseconds per look-up, the median of
-``--rounds`` rounds.
+and run with ``PYTHONPATH`` pointing there. The trees take turns (``--processes`` fresh
+processes each, ``--rounds`` rounds of N look-ups in each); prints microseconds per
+look-up of the fastest round, as other work on the machine only ever adds time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +54,7 @@ def child(n: int, rounds: int, with_dns: bool) -> dict[str, float]:
             for _ in range(n):
                 await connector.candidates(name, 80, policy)
             results.append((time.perf_counter() - start) / n * 1e6)
-        return statistics.median(results)
+        return min(results)
 
     out: dict[str, float] = {}
     out["hosts"] = asyncio.run(measure(Resolver(), "cached.test"))
@@ -88,7 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", default="main", help="git ref to compare with (default main)")
     parser.add_argument("-n", type=int, default=20000, help="look-ups per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per process")
+    parser.add_argument("--processes", type=int, default=4, help="processes per tree")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,9 +103,16 @@ def main() -> None:
             ["git", "-C", str(REPO), "archive", args.old, "src"], capture_output=True, check=True
         )
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        old = run_tree(Path(tmp) / "src", args.n, args.rounds, False, hosts)
-        new = run_tree(REPO / "src", args.n, args.rounds, True, hosts)
-    print(f"Connector.candidates on a cached name, µs per look-up (median of {args.rounds})")
+        # The two trees take turns, a fresh process each, and the fastest round counts:
+        # on a shared machine, other work only ever adds time.
+        olds, news = [], []
+        for _ in range(args.processes):
+            olds.append(run_tree(Path(tmp) / "src", args.n, args.rounds, False, hosts))
+            news.append(run_tree(REPO / "src", args.n, args.rounds, True, hosts))
+        old = {k: min(r[k] for r in olds) for k in olds[0]}
+        new = {k: min(r[k] for r in news) for k in news[0]}
+    rounds = args.rounds * args.processes
+    print(f"Connector.candidates on a cached name, µs per look-up (fastest of {rounds} rounds)")
     print(f"| name | {args.old} | this tree |")
     print("| --- | --- | --- |")
     print(f"| cached.test (/etc/hosts) | {old['hosts']:.2f} | {new['hosts']:.2f} |")

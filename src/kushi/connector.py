@@ -41,6 +41,7 @@ from kushi.errors import (
 from kushi.netio import Conn, fmt_addr
 from kushi.resolver import (
     WELL_KNOWN_NAT64,
+    Batch,
     IPAddress,
     Nat64,
     RdType,
@@ -192,6 +193,18 @@ def _no_family(
     return text
 
 
+#: Remembered candidate lists (``Connector._cached``) before the memo starts again.
+MEMO_SIZE = 4096
+#: The record types asked for under each egress mode, preferred first, and whether the
+#: others are used only when the preferred one has no address (``Connector.families``).
+_FAMILIES: dict[str, tuple[tuple[RdType, ...], bool]] = {
+    "prefer-ipv6": (("AAAA", "A"), False),
+    "prefer-ipv4": (("A", "AAAA"), False),
+    "ipv6-only": (("AAAA", "A"), True),
+    "ipv4-only": (("A", "AAAA"), True),
+}
+
+
 class Connector:
     """Resolves and connects according to an ``EgressPolicy``."""
 
@@ -206,6 +219,12 @@ class Connector:
         self.check = check
         self.clock = clock
         self.nat64 = nat64
+        self._memo: dict[
+            tuple[str, int, int, int],
+            tuple[
+                Batch, EgressPolicy, DestinationCheck | None, ipaddress.IPv6Network | None, Arrival
+            ],
+        ] = {}
         self._policies: dict[
             tuple[EgressPolicy, tuple[ipaddress.IPv6Network, ...]], EgressPolicy
         ] = {}
@@ -247,7 +266,7 @@ class Connector:
         answer waited for)."""
         ready = self._cached(host, port, policy, check)
         if ready is not None:
-            return ready[0]
+            return list(ready[0])
         out: list[tuple[IPAddress, Family]] = []
         async for batch, _notes in self._stream(host, port, policy, check):
             out.extend(batch)
@@ -280,13 +299,7 @@ class Connector:
         an A answer is never waited for: it is used only for a name without AAAA records,
         to synthesize NAT64 addresses or to say what the name has (and ``ipv4-only``
         likewise)."""
-        if policy.mode == "ipv6-only":
-            return ("AAAA", "A"), True
-        if policy.mode == "ipv4-only":
-            return ("A", "AAAA"), True
-        if policy.mode == "prefer-ipv4":
-            return ("A", "AAAA"), False
-        return ("AAAA", "A"), False
+        return _FAMILIES[policy.mode]
 
     def _synthesis(self, policy: EgressPolicy) -> ipaddress.IPv6Network | None:
         if self.nat64 is None or policy.nat64 == "refuse" or policy.mode == "ipv4-only":
@@ -326,20 +339,45 @@ class Connector:
     ) -> Arrival | None:
         """The candidates when no query is needed (a literal, /etc/hosts, fresh cache
         entries), or None. Raises like ``_stream`` when none of them may be used."""
-        families, fallback_only = self.families(policy)
+        families, fallback_only = _FAMILIES[policy.mode]
         resolver = self.resolver
         batch = resolver.cached(host, families[:1] if fallback_only else families)
         if batch is None and fallback_only:  # no AAAA address (ipv6-only): is A cached?
             batch = resolver.cached(host, families)
         if batch is None:
             return None
-        policy = self._effective(policy)
+        # The same answer (the very Batch: a hosts entry, or the cache's joined answer
+        # until it expires) under the same policy and checks gives the same candidates.
+        nat64 = self.nat64
+        active = nat64.active if nat64 is not None else None
+        memo_key = (host, port, id(policy), id(check))
+        memo = self._memo.get(memo_key)
+        if (
+            memo is not None
+            and memo[0] is batch
+            and memo[1] is policy
+            and memo[2] is check
+            and memo[3] is active
+        ):
+            return memo[4]
+        addrs = batch.addrs
+        given = policy
+        if nat64 is not None and nat64.prefixes:
+            policy = self._effective(policy)
+            addrs = self._synthesized(addrs, policy)
         refused: list[str] = []
-        addrs = self._synthesized(batch.addrs, policy)
         allowed = self._allowed(order_addresses(host, addrs, policy), port, policy, check, refused)
         if not allowed:
             raise DestinationProhibited(f"{host} port {port}: " + "; ".join(refused[:3]))
-        return allowed, batch.notes
+        if len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+        result = (allowed, batch.notes)
+        self._memo[memo_key] = (batch, given, check, active, result)
+        return result
+
+    def forget(self) -> None:
+        """Drop remembered candidates (a reload may change what the checks answer)."""
+        self._memo.clear()
 
     def _synthesized(
         self, addrs: tuple[IPAddress, ...], policy: EgressPolicy

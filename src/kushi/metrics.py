@@ -342,10 +342,10 @@ class Metrics:
         """One DNS query answered (or given up) after ``seconds`` (a resolver observer)."""
         self._child(self.dns_lookup_time, rdtype).observe(seconds)
 
-    def dns_cache(self, result: str) -> None:
-        """One cache look-up: ``hit``, ``miss`` or ``stale`` (a resolver observer)."""
+    def dns_cache(self, result: str, count: int = 1) -> None:
+        """``count`` cache look-ups: ``hit``, ``miss`` or ``stale`` (a resolver observer)."""
         key = (self.dns_cache_results, result)
-        self._pending[key] = self._pending.get(key, 0) + 1
+        self._pending[key] = self._pending.get(key, 0) + count
 
     def flush(self) -> None:
         """Add the counts gathered since the last flush to the prometheus counters."""

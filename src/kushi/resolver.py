@@ -38,7 +38,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -172,7 +172,7 @@ class DNSObserver(Protocol):
 
     def dns_lookup(self, rdtype: str, seconds: float) -> None: ...
 
-    def dns_cache(self, result: str) -> None: ...
+    def dns_cache(self, result: str, count: int = 1) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +184,7 @@ class Answer:
     stale: str = ""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Addresses handed on to the connection race, in arrival order."""
 
@@ -206,22 +206,24 @@ class HostsFile:
     def __init__(self, path: str, clock: Callable[[], float]) -> None:
         self.path = path
         self.clock = clock
-        self._names: dict[str, tuple[IPAddress, ...]] = {}
+        self.names: dict[str, Batch] = {}
         self._stamp: tuple[float, int] | None = None
-        self._checked = -RECHECK
+        self.checked = -RECHECK
 
-    def lookup(self, name: str) -> tuple[IPAddress, ...] | None:
-        now = self.clock()
-        if now - self._checked >= RECHECK:
-            self._checked = now
-            self._reload()
-        return self._names.get(name)
+    def lookup(self, name: str, now: float | None = None) -> Batch | None:
+        """Every address the hosts file lists for ``name`` (lower case, no final dot)."""
+        if now is None:
+            now = self.clock()
+        if now - self.checked >= RECHECK:
+            self.checked = now
+            self.reload()
+        return self.names.get(name)
 
-    def _reload(self) -> None:
+    def reload(self) -> None:
         try:
             st = os.stat(self.path)
         except OSError:
-            self._names, self._stamp = {}, None
+            self.names, self._stamp = {}, None
             return
         stamp = (st.st_mtime, st.st_ino)
         if stamp == self._stamp:
@@ -243,7 +245,7 @@ class HostsFile:
                 continue
             for name in words[1:]:
                 names.setdefault(name.lower().rstrip("."), {})[addr] = None
-        self._names = {k: tuple(v) for k, v in names.items()}
+        self.names = {k: Batch(tuple(v)) for k, v in names.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +282,7 @@ class Resolver:
         self.observer: DNSObserver | None = None
         self._cache: collections.OrderedDict[tuple[str, RdType], _Entry] = collections.OrderedDict()
         self._inflight: dict[tuple[str, RdType], asyncio.Task[_Entry]] = {}
+        self._fast: dict[tuple[str, tuple[RdType, ...]], tuple[float, Batch]] = {}
         self._dns: dns.asyncresolver.Resolver | None = None
         self._conf_stamp: tuple[float, int] | None = None
         self._conf_checked = -RECHECK
@@ -297,7 +300,7 @@ class Resolver:
             addrs.extend(batch.addrs)
         return tuple(dict.fromkeys(addrs))
 
-    def cached(self, host: str, families: Sequence[RdType]) -> Batch | None:
+    def cached(self, host: str, families: tuple[RdType, ...]) -> Batch | None:
         """The answer for ``host`` without waiting, when it is a literal, ``/etc/hosts``
         lists it, or fresh cache entries of every family in ``families`` give it (one dict
         look-up per family)."""
@@ -305,32 +308,49 @@ class Resolver:
         if literal is not None:
             return Batch((literal,))
         key = host.lower().rstrip(".")
-        listed = self.hosts.lookup(key)
+        now = self.clock()
+        hosts = self.hosts  # HostsFile.lookup, inlined: every request passes here
+        if now - hosts.checked >= RECHECK:
+            hosts.checked = now
+            hosts.reload()
+        listed = hosts.names.get(key)
         if listed is not None:
             # Every address the hosts file lists: the egress policy filters by family and
             # says what the name has when nothing of the wanted family is left.
-            return Batch(listed)
-        now = self.clock()
+            return listed
+        fast_key = (key, families)
+        fast = self._fast.get(fast_key)
+        if fast is not None and fast[0] > now:
+            if self.observer is not None:
+                self.observer.dns_cache("hit", len(families))
+            return fast[1]
         addrs: tuple[IPAddress, ...] = ()
         notes: list[str] = []
+        expires = float("inf")
         for rdtype in families:
             entry = self._cache.get((key, rdtype))
             if entry is None or entry.expires <= now or entry.error is not None:
                 return None
             addrs += entry.answer.addrs
+            expires = min(expires, entry.expires)
             if entry.answer.stale:
                 notes.append(f"stale DNS answer for {host} ({entry.answer.stale})")
         if not addrs:
             return None
         if self.observer is not None:
-            for _ in families:
-                self.observer.dns_cache("hit")
-        return Batch(addrs, tuple(notes))
+            self.observer.dns_cache("hit", len(families))
+        batch = Batch(addrs, tuple(notes))
+        # The families' answers joined, until the first of them expires: one look-up for
+        # the next request (the entries change only once expired).
+        if len(self._fast) >= self.settings.size:
+            self._fast.clear()
+        self._fast[fast_key] = (expires, batch)
+        return batch
 
     async def arrivals(
         self,
         host: str,
-        families: Sequence[RdType],
+        families: tuple[RdType, ...],
         delay: float | None = 0.05,
         *,
         fallback_only: bool = False,
@@ -438,7 +458,7 @@ class Resolver:
 
     def _count(self, result: str) -> None:
         if self.observer is not None:
-            self.observer.dns_cache(result)
+            self.observer.dns_cache(result, 1)
 
     def _store(self, key: tuple[str, RdType], entry: _Entry) -> None:
         cache = self._cache
@@ -648,26 +668,28 @@ class Nat64:
     discovered: list[ipaddress.IPv6Network] = field(default_factory=list)
     ipv4_route: bool = True
     checked: bool = False
+    #: The prefix to synthesize with now, or None (derived by ``update``: every request
+    #: reads it).
+    active: ipaddress.IPv6Network | None = field(default=None, init=False)
+    #: Every prefix known to be NAT64 here (configured and discovered).
+    prefixes: tuple[ipaddress.IPv6Network, ...] = field(default=(), init=False)
 
-    @property
-    def active(self) -> ipaddress.IPv6Network | None:
-        """The prefix to synthesize with now, or None."""
+    def __post_init__(self) -> None:
+        self.update()
+
+    def update(self) -> None:
+        known = [self.prefix] if self.prefix is not None else []
+        self.prefixes = tuple(known + [p for p in self.discovered if p not in known])
         if self.mode == "off" or (self.mode == "auto" and self.ipv4_route):
-            return None
-        if self.prefix is not None:
-            return self.prefix
-        return self.discovered[0] if self.discovered else None
-
-    @property
-    def prefixes(self) -> tuple[ipaddress.IPv6Network, ...]:
-        """Every prefix known to be NAT64 here (configured and discovered)."""
-        out = [self.prefix] if self.prefix is not None else []
-        return tuple(out + [p for p in self.discovered if p not in out])
+            self.active = None
+        else:
+            self.active = self.prefixes[0] if self.prefixes else None
 
     async def refresh(self, resolver: Resolver) -> None:
         """Check the IPv4 route and (without a configured prefix) rediscover the prefix."""
         self.ipv4_route = has_ipv4_route()
         self.checked = True
+        self.update()
         if self.mode == "off" or self.prefix is not None:
             return
         if self.mode == "auto" and self.ipv4_route:
@@ -684,3 +706,4 @@ class Nat64:
                 ", ".join(str(p) for p in found) or "gone",
             )
         self.discovered = found
+        self.update()

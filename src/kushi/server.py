@@ -427,6 +427,7 @@ class Server:
                 task.add_done_callback(self.refreshes.discard)
         # Idle upstream connections were opened under the old rules: none is reused.
         self.services.pool.close()
+        self.services.connector.forget()
         self.config = replace(new, listeners=tuple(self.states[n].cfg for n in self.states))
         self.services.config = self.config
         self.reloads += 1

@@ -50,8 +50,8 @@ class Observer:
     def dns_lookup(self, rdtype: str, seconds: float) -> None:
         self.lookups.append(rdtype)
 
-    def dns_cache(self, result: str) -> None:
-        self.cache.append(result)
+    def dns_cache(self, result: str, count: int = 1) -> None:
+        self.cache.extend([result] * count)
 
 
 ZONE: dict[str, Any] = {
@@ -402,3 +402,29 @@ def test_lookup_times_and_cache_results_reach_metrics(server: DNSServer, hosts: 
     assert 'kushi_dns_lookup_seconds_count{type="A"} 1.0' in text
     assert 'kushi_dns_cache_total{result="miss"} 2.0' in text
     assert 'kushi_dns_cache_total{result="hit"} 2.0' in text
+
+
+def test_remembered_candidates_follow_the_answer_and_nat64(server: DNSServer, hosts: Path) -> None:
+    from kushi.errors import DestinationNotFound
+
+    clock = Clock()
+    nat64 = Nat64(mode="off", prefix=ipaddress.IPv6Network("64:ff9b::/96"))
+    connector = Connector(make(server, hosts, clock), check=lambda a, p: None, nat64=nat64)
+    prefer6, v6only = EgressPolicy(), EgressPolicy(mode="ipv6-only")
+
+    async def main() -> None:
+        for _ in range(2):
+            got = await connector.candidates("fromhosts.test", 80, prefer6)
+            assert got == [(ipaddress.IPv4Address("203.0.113.50"), "ipv4")]
+        hosts.write_text("203.0.113.51 fromhosts.test\n")
+        clock.now += 2
+        got = await connector.candidates("fromhosts.test", 80, prefer6)
+        assert got == [(ipaddress.IPv4Address("203.0.113.51"), "ipv4")]
+        with pytest.raises(DestinationNotFound):
+            await connector.candidates("fromhosts.test", 80, v6only)
+        nat64.mode = "on"
+        nat64.update()
+        got = await connector.candidates("fromhosts.test", 80, v6only)
+        assert got == [(ipaddress.IPv6Address("64:ff9b::cb00:7133"), "nat64")]
+
+    asyncio.run(main())
