@@ -416,6 +416,8 @@ def natnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatNet]:
 
 
 def test_nat64_prefix_is_discovered_at_start(natnet: NatNet) -> None:
+    # (The listening socket is bound before the worker starts: wait for its log line.)
+    natnet.kushi.wait_ready()
     assert f"NAT64 prefix {PREFIX} (from ipv4only.arpa)" in natnet.kushi.stderr
 
 
