@@ -10,6 +10,7 @@ times in a row on a warm cache, in a fresh process per tree:
   runs in a mount namespace of its own, ``unshare -m``, with a hosts file bind-mounted over
   /etc/hosts): the old resolver caches getaddrinfo's answer for 30 s, the new one reads
   the hosts file itself;
+- ``literal``: ``2001:db8::1`` (nothing to resolve; what ``make bench``'s rows use);
 - ``dns``: ``dns.test``, the same two addresses from a real DNS server on loopback
   (tests/support/dnsserver.py) with a TTL of an hour, so every look-up after the first is
   a cache hit (new tree only: the old resolver cannot be pointed at a test server, and its
@@ -58,6 +59,7 @@ def child(n: int, rounds: int, with_dns: bool) -> dict[str, float]:
 
     out: dict[str, float] = {}
     out["hosts"] = asyncio.run(measure(Resolver(), "cached.test"))
+    out["literal"] = asyncio.run(measure(Resolver(), "2001:db8::1"))
     if with_dns:
         sys.path.insert(0, str(REPO / "tests"))
         from kushi.resolver import ResolverSettings
@@ -117,6 +119,7 @@ def main() -> None:
     print("| --- | --- | --- |")
     print(f"| cached.test (/etc/hosts) | {old['hosts']:.2f} | {new['hosts']:.2f} |")
     print(f"| dns.test (DNS cache, TTL 3600) | - | {new['dns']:.2f} |")
+    print(f"| 2001:db8::1 (a literal) | {old['literal']:.2f} | {new['literal']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,12 @@ def _ip_literal(host: str) -> IPAddress | None:
     return unmap(addr)
 
 
+@functools.lru_cache(maxsize=4096)
+def _literal_batch(addr: IPAddress) -> Batch:
+    """One Batch per literal, so the connector's remembered candidates apply to it too."""
+    return Batch((addr,))
+
+
 def unmap(addr: IPAddress) -> IPAddress:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
@@ -306,7 +312,7 @@ class Resolver:
         look-up per family)."""
         literal = ip_literal(host)
         if literal is not None:
-            return Batch((literal,))
+            return _literal_batch(literal)
         key = host.lower().rstrip(".")
         now = self.clock()
         hosts = self.hosts  # HostsFile.lookup, inlined: every request passes here
