@@ -6,11 +6,12 @@ BIN    := $(VENV)/bin
 # haproxy for the scale-out case, chromium for the status page and PAC tests, openssl,
 # calamaris to read the Squid-format access log as Squid log tools do, systemd for
 # systemd-analyze on the unit, util-linux for setpriv and unshare, netcat-openbsd for
-# `nc -X 5`, the SOCKS5 client ssh users put in ProxyCommand).
-TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl calamaris systemd util-linux netcat-openbsd
+# `nc -X 5`, the SOCKS5 client ssh users put in ProxyCommand, tayga as the NAT64
+# translator in front of an IPv4-only origin).
+TEST_SYSPKGS  := curl iproute2 haproxy chromium openssl calamaris systemd util-linux netcat-openbsd tayga
 BENCH_SYSPKGS := wrk apache2-utils nginx-light squid tinyproxy curl
 
-.PHONY: run test lint unit sysdeps bench bench-quick bench-profile soak clean
+.PHONY: run test lint unit sysdeps bench bench-quick bench-profile bench-dns soak clean
 
 $(BIN)/kushi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,12 @@ bench-quick: $(VENV)/.bench-deps
 bench-profile: $(VENV)/.bench-deps
 	@bash scripts/ensure-packages.sh $(BENCH_SYSPKGS)
 	$(BIN)/python -m bench.profile $(BENCH_ARGS)
+
+# The resolver against main: cached-name cost, and request time with slow/lost DNS answers
+# (root: network namespaces). OLD=REF compares with another git ref.
+bench-dns: $(VENV)/.test-deps
+	$(BIN)/python -m bench.resolver --old $(or $(OLD),main)
+	$(BIN)/python -m bench.dns_faults --old $(or $(OLD),main)
 
 soak: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q -m soak --run-soak tests $(PYTEST_ARGS)

@@ -37,6 +37,8 @@ class AccessRecord:
     details: str = ""
     content_type: str = ""
     attempts: list[str] = field(default_factory=list)
+    #: The connector's notes: the IPv4 address behind NAT64, a stale DNS answer used.
+    notes: list[str] = field(default_factory=list)
     user: str = ""
     #: The configured source address the upstream connection left from ('' for the
     #: host's default address).
@@ -91,6 +93,7 @@ class AccessRecord:
             extra.append(label + "; ".join(self.attempts))
         if self.details and not self.attempts:
             extra.append(self.details)
+        extra.extend(self.notes)
         note = json.dumps(" ".join(extra)) if extra else "-"
         return (
             f"{self.time + self.duration:.3f} {round(self.duration * 1000):6d} "

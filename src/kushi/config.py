@@ -58,6 +58,8 @@ PROXY_MODES = ("forward", "socks")
 #: browsers use, so it also reaches ssh (22), HTTP (80) and the mail submission and
 #: retrieval ports over TLS (465, 587, 993, 995) -- never 25: an open relay to port 25
 #: is how spam leaves.
+#: RFC 6052 section 2.2: the lengths a NAT64 prefix may have.
+NAT64_LENGTHS = (96, 64, 56, 48, 40, 32)
 DEFAULT_CONNECT_PORTS = {
     "forward": frozenset({443}),
     "socks": frozenset({22, 80, 443, 465, 587, 993, 995}),
@@ -141,6 +143,8 @@ class Timeouts:
     connect: float = 10.0
     happy_eyeballs_delay: float = 0.25
     dns: float = 5.0
+    #: RFC 8305 section 3: how long an A answer waits for the AAAA answer.
+    resolution_delay: float = 0.05
     header_read: float = 30.0
     idle: float = 60.0
     request_body_idle: float = 60.0
@@ -236,10 +240,24 @@ class Config:
     log_level: str = "info"
     #: Worker processes sharing the listeners; one per core unless set.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    dns_cache_ttl: float = 30.0
     #: Tunnels between two plain TCP sockets move their bytes with splice(2) (Linux),
     #: never through user space; false copies them as TLS tunnels are.
     splice: bool = True
+    #: Record TTLs are clamped to [min, max]; an expired answer is kept ``stale_ttl``
+    #: longer for when no nameserver answers (RFC 8767).
+    dns_cache_min_ttl: float = 0.0
+    dns_cache_max_ttl: float = 3600.0
+    dns_cache_stale_ttl: float = 86400.0
+    dns_cache_size: int = 4096
+    #: Nameservers instead of resolv.conf's, as (address, port).
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    resolv_conf: str = "/etc/resolv.conf"
+    hosts_file: str = "/etc/hosts"
+    #: NAT64 synthesis: auto (only without an IPv4 route), on, off; the prefix ("" means
+    #: discover it from ipv4only.arpa, RFC 7050) and how often discovery runs again.
+    nat64_synthesis: Literal["auto", "on", "off"] = "auto"
+    nat64_prefix: ipaddress.IPv6Network | None = None
+    nat64_discovery_interval: float = 600.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     admin_listen: tuple[Address, ...] = (Address("127.0.0.1", 9128),)
@@ -274,8 +292,17 @@ LISTENER_KEYS = {f.name for f in fields(Listener)} - {"name"} - DERIVED_KEYS
 GLOBAL_KEYS = {
     "log_level",
     "workers",
-    "dns_cache_ttl",
     "splice",
+    "dns_cache_min_ttl",
+    "dns_cache_max_ttl",
+    "dns_cache_stale_ttl",
+    "dns_cache_size",
+    "dns_servers",
+    "resolv_conf",
+    "hosts_file",
+    "nat64_synthesis",
+    "nat64_prefix",
+    "nat64_discovery_interval",
     "admin_listen",
     "admin_allow",
     "admin_names",
@@ -284,6 +311,23 @@ GLOBAL_KEYS = {
 TABLE_KEYS = {"timeouts": Timeouts, "limits": Limits}
 #: Keys a ``[users.NAME]`` table may set.
 USER_KEYS = ("egress", "source", "source_rotation")
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """A nameserver: ``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` (raises ValueError)."""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(text)
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    ipaddress.ip_address(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    return host, int(port)
 
 
 def _str(key: str, value: Any) -> str:
@@ -790,7 +834,11 @@ def load_config(
     data: dict[str, Any] = read_file(path) if path else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     for key in data:
-        if key not in LISTENER_KEYS | GLOBAL_KEYS | set(TABLE_KEYS) | {"listener", "users"}:
+        if key not in LISTENER_KEYS | GLOBAL_KEYS | set(TABLE_KEYS) | {
+            "listener",
+            "users",
+            "dns_cache_ttl",
+        }:
             raise ConfigError(key, "unknown key")
 
     top: dict[str, Any] = {}
@@ -834,6 +882,8 @@ def load_config(
         raise ConfigError("listener.name", "listener names must be unique")
 
     merged = {**{k: v for k, v in data.items() if k in GLOBAL_KEYS}, **overrides}
+    if "dns_cache_ttl" in data:  # the name before record TTLs were used: the maximum
+        merged.setdefault("dns_cache_max_ttl", data["dns_cache_ttl"])
     config = Config(listeners=tuple(listeners), source=path)
     for key in GLOBAL_KEYS:
         if key in merged:
@@ -904,7 +954,9 @@ def _users(
 
 #: Keys of [timeouts] and [limits] for which 0 means something (no pool, connect all
 #: addresses at once, no grace); every other 0 would refuse or time out every request.
-ZERO_ALLOWED = frozenset({"upstream_pool_size", "happy_eyeballs_delay", "shutdown_grace"})
+ZERO_ALLOWED = frozenset(
+    {"upstream_pool_size", "happy_eyeballs_delay", "resolution_delay", "shutdown_grace"}
+)
 
 
 def _warnings(config: Config) -> tuple[str, ...]:
@@ -924,10 +976,34 @@ def _global_value(key: str, value: Any) -> Any:
     if key == "workers":
         workers = int(_number(key, value, integer=True))
         return workers or (os.cpu_count() or 1)
-    if key == "dns_cache_ttl":
+    if key in ("dns_cache_min_ttl", "dns_cache_max_ttl", "dns_cache_stale_ttl"):
         return float(_number(key, value))
     if key == "splice":
         return _bool(key, value)
+    if key == "nat64_discovery_interval":
+        return float(_number(key, value, minimum=1))
+    if key == "dns_cache_size":
+        return int(_number(key, value, integer=True, minimum=1))
+    if key == "dns_servers":
+        servers = []
+        for text in _str_list(key, value):
+            try:
+                servers.append(parse_server(text))
+            except ValueError:
+                raise ConfigError(key, f"{text!r} is not an IP address or IP:PORT") from None
+        return tuple(servers)
+    if key in ("resolv_conf", "hosts_file"):
+        return _str(key, value)
+    if key == "nat64_synthesis":
+        return _choice(key, value, ("auto", "on", "off"))
+    if key == "nat64_prefix":
+        text = _str(key, value)
+        if not text:
+            return None
+        net = parse_network(key, text)
+        if not isinstance(net, ipaddress.IPv6Network) or net.prefixlen not in NAT64_LENGTHS:
+            raise ConfigError(key, f"{text!r} is not an IPv6 prefix of /32 ... /96 (RFC 6052)")
+        return net
     if key == "admin_listen":
         if value in ("", [], "off", [""], ["off"]):
             return ()

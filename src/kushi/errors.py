@@ -26,6 +26,11 @@ class KushiError(Exception):
         super().__init__(details or self.error_type)
         self.details = details
 
+    @property
+    def params(self) -> tuple[tuple[str, str], ...]:
+        """Extra RFC 9209 parameters of this error type (name, string value)."""
+        return ()
+
 
 class ConfigError(KushiError):
     """A bad configuration value: one line naming the key, exit code 2."""
@@ -140,8 +145,19 @@ class TooManyConnections(KushiError):
 
 
 class DNSError(KushiError):
+    """RFC 9209 section 2.3.2: ``rcode`` is the DNS RCODE the nameserver answered with
+    (NXDOMAIN, SERVFAIL, REFUSED...; NOERROR for a name without address records)."""
+
     status = 502
     error_type = "dns_error"
+
+    def __init__(self, details: str = "", rcode: str | None = None) -> None:
+        super().__init__(details)
+        self.rcode = rcode
+
+    @property
+    def params(self) -> tuple[tuple[str, str], ...]:
+        return (("rcode", self.rcode),) if self.rcode else ()
 
 
 class DNSTimeout(KushiError):

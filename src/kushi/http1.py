@@ -812,14 +812,18 @@ def proxy_status(
     next_hop: str | None = None,
     received_status: int | None = None,
     source: str | None = None,
+    params: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
-    """One Proxy-Status member (RFC 9209 section 2) for this proxy. ``source`` (the local
+    """One Proxy-Status member (RFC 9209 section 2) for this proxy; ``params`` are the
+    error type's own (``rcode`` of ``dns_error``), as strings. ``source`` (the local
     address the connection to the next hop left from) is kushi's own parameter, next to
     ``next-hop``: RFC 9209 section 2 lets parameters be added, and RFC 8941 parsers keep
     the ones they do not know."""
     parts = [name]
     if error:
         parts.append(f"error={error}")
+    for key, value in params:
+        parts.append(f"{key}={sf_string(value)}")
     if next_hop:
         parts.append(f"next-hop={sf_string(next_hop)}")
     if source:
@@ -859,6 +863,7 @@ def render_error(
                 details=exc.details,
                 next_hop=next_hop,
                 source=source,
+                params=exc.params,
             ),
         ),
         (b"Cache-Control", b"no-store"),

@@ -180,6 +180,21 @@ class Metrics:
             buckets=CONNECT_BUCKETS,
             registry=registry,
         )
+        self.dns_lookup_time = Histogram(
+            "kushi_dns_lookup_seconds",
+            "Time of DNS queries sent to the nameservers (cache hits not included), by "
+            "record type (AAAA, A).",
+            ["type"],
+            buckets=CONNECT_BUCKETS,
+            registry=registry,
+        )
+        self.dns_cache_results = Counter(
+            "kushi_dns_cache",
+            "DNS cache look-ups by result: hit, miss (a query was sent) or stale (an expired "
+            "answer used because no nameserver answered, RFC 8767).",
+            ["result"],
+            registry=registry,
+        )
         self.fallbacks = Counter(
             "kushi_happy_eyeballs_fallbacks",
             "Requests whose upstream was reached in another family after an attempt failed "
@@ -359,6 +374,15 @@ class Metrics:
         self.listener_info.clear()
         for name, mode, tls in listeners:
             self.listener_info.labels(listener=name, mode=mode, tls="yes" if tls else "no").set(1)
+
+    def dns_lookup(self, rdtype: str, seconds: float) -> None:
+        """One DNS query answered (or given up) after ``seconds`` (a resolver observer)."""
+        self._child(self.dns_lookup_time, rdtype).observe(seconds)
+
+    def dns_cache(self, result: str, count: int = 1) -> None:
+        """``count`` cache look-ups: ``hit``, ``miss`` or ``stale`` (a resolver observer)."""
+        key = (self.dns_cache_results, result)
+        self._pending[key] = self._pending.get(key, 0) + count
 
     def flush(self) -> None:
         """Add the counts gathered since the last flush to the prometheus counters."""

@@ -435,7 +435,8 @@ class HttpSession:
         return upstream, False
 
     def _still_allowed(self, upstream: Upstream, state: ListenerState) -> bool:
-        addr = ip_literal(upstream.address)
+        # A NAT64 connection is checked as the IPv4 address it stands for.
+        addr = ip_literal(upstream.via or upstream.address)
         if addr is None:
             return False
         checks = [c for c in (self.services.connector.check, state.destinations) if c]
@@ -484,6 +485,7 @@ class HttpSession:
             record.source = upstream.source
             # A pooled connection's attempts belong to the request that opened it.
             record.attempts = [] if reused else [a.describe() for a in upstream.fallbacks]
+            record.notes = upstream.report_notes
             record.connect_ms = 0.0 if reused else round(upstream.connect_time * 1000, 3)
             try:
                 upstream.conn.write(head)
@@ -692,9 +694,11 @@ class HttpSession:
         cached = upstream.proxy_status.get(status)
         if cached is not None:
             return cached
-        details: str = upstream.family
+        details: str = upstream.label
         if upstream.fallbacks:
-            details = f"{upstream.family}; {describe_fallbacks(upstream)}"
+            details = f"{upstream.label}; {describe_fallbacks(upstream)}"
+        if upstream.notes:
+            details = "; ".join((details, *upstream.notes))
         value = http1.proxy_status(
             PROXY_NAME,
             next_hop=upstream.next_hop,

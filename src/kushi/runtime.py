@@ -27,7 +27,7 @@ from kushi.connector import Connector, EgressPolicy, Upstream
 from kushi.errors import DestinationUnavailable, LoopDetected, RequestDenied
 from kushi.netio import Conn
 from kushi.pool import UpstreamPool
-from kushi.resolver import IPAddress, Resolver, ip_literal
+from kushi.resolver import IPAddress, Nat64, Resolver, ResolverSettings, ip_literal
 from kushi.source import Source, SourcePlan
 from kushi.tunnel import relay_tunnel
 
@@ -41,6 +41,20 @@ def egress_policy(cfg: Listener, config: Config, mode: EgressMode | None = None)
         nat64_prefixes=cfg.nat64_prefixes,
         attempt_delay=config.timeouts.happy_eyeballs_delay,
         connect_timeout=config.timeouts.connect,
+        resolution_delay=config.timeouts.resolution_delay,
+    )
+
+
+def resolver_settings(config: Config) -> ResolverSettings:
+    return ResolverSettings(
+        timeout=config.timeouts.dns,
+        min_ttl=config.dns_cache_min_ttl,
+        max_ttl=max(config.dns_cache_min_ttl, config.dns_cache_max_ttl),
+        stale_ttl=config.dns_cache_stale_ttl,
+        size=config.dns_cache_size,
+        servers=config.dns_servers,
+        resolv_conf=config.resolv_conf,
+        hosts_file=config.hosts_file,
     )
 
 
@@ -257,11 +271,16 @@ class Services:
 
     @classmethod
     def build(cls, config: Config, pseudonym: str | None = None) -> Services:
-        resolver = Resolver(ttl=config.dns_cache_ttl, timeout=config.timeouts.dns)
+        resolver = Resolver(settings=resolver_settings(config))
+        nat64 = Nat64(
+            mode=config.nat64_synthesis,
+            prefix=config.nat64_prefix,
+            interval=config.nat64_discovery_interval,
+        )
         services = cls(
             config=config,
             resolver=resolver,
-            connector=Connector(resolver),
+            connector=Connector(resolver, nat64=nat64),
             pool=UpstreamPool(config.limits.upstream_pool_size, idle_timeout=30.0),
         )
         if pseudonym:
@@ -306,6 +325,7 @@ class Services:
         record.source = upstream.source
         record.family = upstream.family
         record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.notes = upstream.report_notes
         record.connect_ms = round(upstream.connect_time * 1000, 3)
         return upstream
 

@@ -50,6 +50,7 @@ from kushi.errors import (
 from kushi.netio import Conn, serve_socket
 from kushi.proxy import PROXY_NAME, HttpSession
 from kushi.proxyproto import parse as parse_proxy_header
+from kushi.resolver import Nat64
 from kushi.routing import ClientInfo
 from kushi.runtime import ListenerState, Services
 from kushi.socks5 import VERSION as SOCKS_VERSION
@@ -214,11 +215,22 @@ class Server:
         for state in self.states.values():
             if state.allow.names:
                 await state.allow.refresh(self.services.resolver)
+        # NAT64: the IPv4 route is checked and the prefix discovered (RFC 7050) before
+        # the first client, then again on a timer.
+        nat64 = self.services.connector.nat64
+        if nat64 is not None and nat64.mode != "off":
+            await nat64.refresh(self.services.resolver)
+            self.background.append(asyncio.ensure_future(self._nat64(nat64)))
         for cfg in self.config.listeners:
             for sock in self.sockets[cfg.name]:
                 server = await serve_socket(sock, self._handler(cfg.name), self.connections)
                 self.servers.append(server)
         self.background.append(asyncio.ensure_future(self._housekeeping()))
+
+    async def _nat64(self, nat64: Nat64) -> None:
+        while True:
+            await asyncio.sleep(nat64.interval)
+            await nat64.refresh(self.services.resolver)
 
     def _handler(self, name: str) -> Callable[[Conn], Coroutine[Any, Any, None]]:
         async def handle(conn: Conn) -> None:
@@ -493,6 +505,7 @@ class Server:
                 task.add_done_callback(self.refreshes.discard)
         # Idle upstream connections were opened under the old rules: none is reused.
         self.services.pool.close()
+        self.services.connector.forget()
         self.config = replace(new, listeners=tuple(self.states[n].cfg for n in self.states))
         self.services.config = self.config
         self.reloads += 1

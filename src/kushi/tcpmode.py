@@ -53,6 +53,7 @@ async def serve_tcp(
         record.family = upstream.family
         record.source = upstream.source
         record.attempts = [a.describe() for a in upstream.fallbacks]
+        record.notes = upstream.report_notes
         record.connect_ms = round(upstream.connect_time * 1000, 3)
         if state.cfg.backend_proxy_protocol:
             upstream.conn.write(

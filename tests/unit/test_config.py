@@ -409,3 +409,42 @@ def test_auth_users_is_derived_from_the_file_not_a_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(str(toml))
     assert "auth_users" in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_resolver_keys(tmp_path: Path) -> None:
+    text = (
+        'dns_servers = ["192.0.2.53", "[2001:db8::53]:5353", "198.51.100.53:5300"]\n'
+        "dns_cache_min_ttl = 5\ndns_cache_max_ttl = 600\ndns_cache_size = 100\n"
+        'nat64_synthesis = "on"\nnat64_prefix = "2001:db8:64::/64"\n'
+        "[timeouts]\nresolution_delay = 0.1\n"
+    )
+    config = load_config(toml(tmp_path, text))
+    assert config.dns_servers == (
+        ("192.0.2.53", 53),
+        ("2001:db8::53", 5353),
+        ("198.51.100.53", 5300),
+    )
+    assert (config.dns_cache_min_ttl, config.dns_cache_max_ttl) == (5.0, 600.0)
+    assert config.dns_cache_size == 100
+    assert config.nat64_synthesis == "on"
+    assert str(config.nat64_prefix) == "2001:db8:64::/64"
+    assert config.timeouts.resolution_delay == 0.1
+    # The older key sets the maximum.
+    assert load_config(toml(tmp_path, "dns_cache_ttl = 45\n")).dns_cache_max_ttl == 45.0
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('dns_servers = ["ns.example"]', "dns_servers"),
+        ('dns_servers = ["192.0.2.1:99999"]', "dns_servers"),
+        ('nat64_prefix = "2001:db8::/97"', "nat64_prefix"),
+        ('nat64_prefix = "192.0.2.0/24"', "nat64_prefix"),
+        ('nat64_synthesis = "maybe"', "nat64_synthesis"),
+        ("dns_cache_size = 0", "dns_cache_size"),
+    ],
+)
+def test_resolver_keys_rejected(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(toml(tmp_path, text + "\n"))
+    assert info.value.key == key

@@ -1,7 +1,6 @@
-"""The resolver cache and host-name allow-list entries, against the real system resolver.
+"""IP literals and host-name allow-list entries (``localhost`` from /etc/hosts).
 
-``localhost`` is in every /etc/hosts, so these use getaddrinfo for real; the clock is passed
-in, so cache lifetimes are checked without sleeping.
+The DNS cache itself is tested against a real test DNS server in test_resolver_dns.py.
 """
 
 from __future__ import annotations
@@ -9,20 +8,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 
-import pytest
-
 from kushi.acl import AllowList
 from kushi.config import parse_network
-from kushi.errors import DNSError
 from kushi.resolver import Resolver, ip_literal
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_literals_are_not_looked_up_and_mapped_addresses_are_ipv4() -> None:
@@ -36,60 +24,6 @@ def test_literals_are_not_looked_up_and_mapped_addresses_are_ipv4() -> None:
 
     asyncio.run(main())
     assert ip_literal("localhost") is None
-
-
-def test_answers_are_cached_for_their_lifetime_then_asked_again() -> None:
-    async def main() -> None:
-        clock = Clock()
-        resolver = Resolver(ttl=30.0, clock=clock)
-        first = await resolver.resolve("localhost")
-        assert ipaddress.ip_address("127.0.0.1") in first
-        await resolver.resolve("LOCALHOST.")  # same name, other spelling: still cached
-        assert resolver.lookups == 1
-        clock.now += 29.0
-        await resolver.resolve("localhost")
-        assert resolver.lookups == 1
-        clock.now += 2.0  # past the lifetime
-        await resolver.resolve("localhost")
-        assert resolver.lookups == 2
-
-    asyncio.run(main())
-
-
-def test_concurrent_lookups_of_one_name_share_one_query() -> None:
-    async def main() -> None:
-        resolver = Resolver(ttl=30.0)
-        answers = await asyncio.gather(*(resolver.resolve("localhost") for _ in range(20)))
-        assert len(set(answers)) == 1
-        assert resolver.lookups == 1
-
-    asyncio.run(main())
-
-
-def test_failures_are_cached_briefly_and_reported_as_dns_error() -> None:
-    async def main() -> None:
-        clock = Clock()
-        resolver = Resolver(ttl=30.0, clock=clock)
-        for _ in range(3):
-            with pytest.raises(DNSError, match="nonexistent.invalid"):
-                await resolver.resolve("nonexistent.invalid")
-        assert resolver.lookups == 1
-        clock.now += 6.0  # past the 5 s negative lifetime
-        with pytest.raises(DNSError):
-            await resolver.resolve("nonexistent.invalid")
-        assert resolver.lookups == 2
-
-    asyncio.run(main())
-
-
-def test_ttl_zero_disables_the_cache() -> None:
-    async def main() -> None:
-        resolver = Resolver(ttl=0.0)
-        await resolver.resolve("localhost")
-        await resolver.resolve("localhost")
-        assert resolver.lookups == 2
-
-    asyncio.run(main())
 
 
 def test_allow_list_host_names_are_resolved_on_refresh() -> None:

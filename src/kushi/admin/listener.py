@@ -249,6 +249,7 @@ def attach(server: Server, multiprocess_dir: str | None = None) -> Metrics:
 
         metrics = Metrics(multiprocess_dir=multiprocess_dir)
         server.services.hooks.append(metrics.observe)
+        server.services.resolver.observer = metrics
         _attached[server] = metrics
         set_listener_info(metrics, server.config)
         server.on_reload.append(lambda config: set_listener_info(metrics, config))
