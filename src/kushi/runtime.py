@@ -20,9 +20,11 @@ from typing import Literal, Protocol
 from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy, forwards_by_client_choice, local_addresses
 from kushi.auth import Htpasswd
-from kushi.config import PROXY_MODES, Config, Listener, parse_hostport
+from kushi.backends import BackendSet
+from kushi.config import PROXY_MODES, Config, Listener
 from kushi.connector import Connector, EgressPolicy, Upstream
-from kushi.errors import DestinationUnavailable, LoopDetected, RequestDenied
+from kushi.errors import LoopDetected
+from kushi.forward import check_connect_port
 from kushi.netio import Conn
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Resolver, ip_literal
@@ -39,51 +41,6 @@ def egress_policy(cfg: Listener, config: Config) -> EgressPolicy:
         attempt_delay=config.timeouts.happy_eyeballs_delay,
         connect_timeout=config.timeouts.connect,
     )
-
-
-@dataclass(slots=True)
-class Backend:
-    host: str
-    port: int
-    down_until: float = 0.0
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-class BackendSet:
-    """Round-robin over healthy backends; one that refuses is skipped for ``retry`` seconds."""
-
-    def __init__(self, specs: tuple[str, ...], mode: str, retry: float) -> None:
-        self.backends: list[Backend] = []
-        for spec in specs:
-            if mode == "reverse":
-                rest = spec.partition("://")[2].rstrip("/")
-                addr = parse_hostport(rest, "backend", default_port=80)
-            else:
-                addr = parse_hostport(spec, "backend")
-            self.backends.append(Backend(addr.host, addr.port))
-        self.retry = retry
-        self._next = 0
-
-    def candidates(self) -> list[Backend]:
-        """Healthy backends in round-robin order (all of them if every one is down)."""
-        now = time.monotonic()
-        n = len(self.backends)
-        if not n:
-            raise DestinationUnavailable("no backend configured")
-        start = self._next % n
-        self._next += 1
-        order = self.backends[start:] + self.backends[:start]
-        healthy = [b for b in order if b.down_until <= now]
-        return healthy or order
-
-    def mark_down(self, backend: Backend) -> None:
-        backend.down_until = time.monotonic() + self.retry
-        log.warning("backend %s marked down for %g s", backend, self.retry)
-
-    def mark_up(self, backend: Backend) -> None:
-        backend.down_until = 0.0
 
 
 #: Numbers every ListenerState built (start and each reload): part of the pool key, so a
@@ -235,9 +192,7 @@ class Services:
     ) -> Upstream:
         """The upstream of a CONNECT tunnel (HTTP or SOCKS5, ``what``): ``connect_ports``
         first, then the one egress path; the record learns how it was reached."""
-        if port not in state.cfg.connect_ports:
-            allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
-            raise RequestDenied(f"{what} to port {port} is not allowed (allowed: {allowed})")
+        check_connect_port(port, state.cfg.connect_ports, what)
         upstream = await self.connector.connect(host, port, state.policy, state.destinations)
         record.upstream = upstream.next_hop
         record.family = upstream.family
