@@ -80,6 +80,9 @@ class Upstream:
     connect_time: float
     #: Proxy-Status values by received status, built once per connection.
     proxy_status: dict[int | None, bytes] = field(default_factory=dict)
+    #: The listener snapshot whose destination rules this connection last passed (a
+    #: pooled connection is checked again only under another snapshot).
+    allowed_under: object = None
 
     @property
     def next_hop(self) -> str:

@@ -754,7 +754,8 @@ class Exchange:
             return
         self.phase = "exchange"
         self._up_received = 0
-        self._ubuf = bytearray()
+        if self._ubuf:
+            self._ubuf = bytearray()  # (a retry: nothing of the stale connection stays)
         self._out.append(SendUpstream(self._up_head))
         timeouts = self._state.config.timeouts
         if req.framing.kind == "none":

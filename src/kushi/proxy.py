@@ -176,9 +176,23 @@ class HttpSession:
         self._apply(self.exchange.receive(event))
 
     def _pump(self) -> bool:
-        """Feed the exchange the next thing that happened; False when nothing did."""
+        """Feed the exchange the next thing that happened; False when nothing did.
+        Back-pressure first: the exchange must know a side stopped reading before it is
+        given more to send that way."""
         ex = self.exchange
         client = self.client
+        upstream = self.upstream
+        paused = client.write_paused
+        if paused != self._client_paused:
+            self._client_paused = paused
+            self._feed(ClientPaused() if paused else ClientResumed())
+            return True
+        if upstream is not None:
+            paused = upstream.conn.write_paused
+            if paused != self._up_paused:
+                self._up_paused = paused
+                self._feed(UpstreamPaused() if paused else UpstreamResumed())
+                return True
         if ex.reading_client:
             if client.buf:
                 self._feed(ClientData(client.take()))
@@ -191,7 +205,6 @@ class HttpSession:
             self._client_closed = True
             self._feed(ClientClosed())
             return True
-        upstream = self.upstream
         if upstream is not None:
             conn = upstream.conn
             if ex.reading_upstream:
@@ -206,16 +219,6 @@ class HttpSession:
                 self._up_lost = True
                 self._feed(UpstreamLost())
                 return True
-            paused = conn.write_paused
-            if paused != self._up_paused:
-                self._up_paused = paused
-                self._feed(UpstreamPaused() if paused else UpstreamResumed())
-                return True
-        paused = client.write_paused
-        if paused != self._client_paused:
-            self._client_paused = paused
-            self._feed(ClientPaused() if paused else ClientResumed())
-            return True
         return False
 
     def _wake(self) -> None:
@@ -383,14 +386,19 @@ class HttpSession:
         return upstream, False
 
     def _still_allowed(self, upstream: Upstream, state: ListenerState) -> bool:
+        if upstream.allowed_under is state:
+            return True  # (the same rules it passed when it was last handed out)
         addr = ip_literal(upstream.address)
         if addr is None:
             return False
         checks = [c for c in (self.services.connector.check, state.destinations) if c]
         try:
-            return all(check(addr, upstream.port) is None for check in checks)
+            allowed = all(check(addr, upstream.port) is None for check in checks)
         except KushiError:
             return False
+        if allowed:
+            upstream.allowed_under = state
+        return allowed
 
     async def _tunnel(self, cmd: StartTunnel) -> None:
         """CONNECT after its 200, or an upgrade after its 101: the bytes already buffered

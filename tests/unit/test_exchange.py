@@ -24,6 +24,8 @@ from kushi.exchange import (
     ClientClosed,
     ClientData,
     ClientEnd,
+    ClientPaused,
+    ClientResumed,
     CloseClient,
     CloseUpstream,
     Command,
@@ -39,6 +41,8 @@ from kushi.exchange import (
     UpstreamData,
     UpstreamEnd,
     UpstreamFailed,
+    UpstreamPaused,
+    UpstreamResumed,
     WriteLog,
 )
 from kushi.netio import Conn
@@ -646,3 +650,37 @@ def test_self_page_for_origin_form_on_a_forward_listener() -> None:
     assert cmds[1].data.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"This address is a proxy" in cmds[1].data
     assert cmds[2:] == [logged(status=200), ArmDeadline("idle", 60.0)]
+
+
+def test_client_that_stops_reading_pauses_the_response_and_its_idle_deadline() -> None:
+    b = Book()
+    b << ClientData(get())
+    up = upstream()
+    b << UpstreamConnected(up, reused=False)
+    b << UpstreamData(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+    assert b.ex.reading_upstream
+    # The client's write buffer is full: nothing more is taken from the upstream, and
+    # the upstream is not blamed for the wait (response_body_idle is off meanwhile).
+    assert b << ClientPaused() == [CancelDeadline("response_body_idle")]
+    assert not b.ex.reading_upstream
+    assert b << ClientResumed() == [ArmDeadline("response_body_idle", 60.0)]
+    assert b.ex.reading_upstream
+    assert b << UpstreamData(b"def") == [
+        SendClient(b"def"),
+        CancelDeadline("response_body_idle"),
+        ReleaseUpstream(up, b.key),
+        logged(status=200, bytes_out=len(OK_OUT) - len(b"ok") + 6),
+        ArmDeadline("idle", 60.0),
+    ]
+
+
+def test_upstream_that_stops_reading_pauses_the_upload() -> None:
+    b = Book(timeouts=Timeouts(request_body_idle=5.0))
+    b << ClientData(PUT_10)
+    up = upstream()
+    b << UpstreamConnected(up, reused=False)
+    assert b.ex.reading_client
+    assert b << UpstreamPaused() == [CancelDeadline("request_body_idle")]
+    assert not b.ex.reading_client  # the client's bytes wait (and its socket fills)
+    assert b << UpstreamResumed() == [ArmDeadline("request_body_idle", 5.0)]
+    assert b.ex.reading_client
