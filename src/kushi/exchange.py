@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from kushi import forward, http1, reverse
 from kushi.accesslog import AccessRecord
@@ -339,13 +339,47 @@ class Exchange:
         self.phase: Phase = "head"
         self._out: list[Command] = []
         self._first = True
-        self._acl: tuple[ListenerState, bool] | None = None
+        #: The snapshot the allow list was last checked under, and what it answered.
+        self._acl: tuple[ListenerState, str] | None = None
         self._client_paused = False
         self._upstream_paused = False
         self._state = snapshot()
         self._head_deadline: DeadlineName = "header_read"
         self._started = 0.0
         self._pipelined = False
+        #: How each event is taken in.
+        self._on: dict[type, Callable[[Any], None]] = {
+            ClientData: self._on_client_data,
+            UpstreamData: self._on_upstream_data,
+            TimerFired: self._on_timer,
+            UpstreamConnected: self._on_connected,
+            UpstreamFailed: self._on_failed,
+            AuthChecked: self._on_auth,
+            TunnelClosed: self._on_tunnel_closed,
+            ClientPaused: self._on_client_paused,
+            ClientResumed: self._on_client_resumed,
+            UpstreamPaused: self._on_upstream_paused,
+            UpstreamResumed: self._on_upstream_resumed,
+            UpstreamEnd: lambda _: self._upstream_end(),
+            UpstreamLost: lambda _: self._upstream_lost(),
+            ClientEnd: lambda _: self._client_end(),
+            ClientClosed: lambda _: self._client_closed(),
+            GraceExpired: lambda _: self._grace_expired(),
+        }
+
+        # Per request, set where they are first needed (and read only after that):
+        self._reused = False  # the upstream came from the pool
+        self._upgrade = False  # the request's Upgrade was passed on
+        self._up_head = b""  # the request head as it goes upstream
+        self._up_received = 0  # bytes from the upstream for this request
+        self._req_reader: http1.BodyReader | None = None
+        self._req_chunked = False
+        self._out_chunked = False  # the response is chunked towards the client
+        self._client_keep = False  # the client connection stays open after it
+        self._local_answer = b""  # an answer of kushi's own, sent after the body
+        self._local_keep = False
+        #: Upstream bytes received and not yet used.
+        self._ubuf = bytearray()
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -354,24 +388,13 @@ class Exchange:
         self.upstream: Upstream | None = None
         self._route: Route | None = None
         self._failover: FailOver | None = None
-        self._reused = False
         self._attempt = 0
-        self._upgrade = False
-        self._up_head = b""
-        self._req_reader: http1.BodyReader | None = None
-        self._req_chunked = False
         self._body_done = True
-        self._ubuf = bytearray()
-        self._up_received = 0
         self._resp: ResponseHead | None = None
         self._resp_reader: http1.BodyReader | None = None
-        self._out_chunked = False
         self._resp_done = False
         self._up_ended = False
-        self._client_keep = False
         self._finish_waiting = False
-        self._local_answer = b""
-        self._local_keep = False
 
     # --- what the shell reads ------------------------------------------------------------
 
@@ -413,7 +436,10 @@ class Exchange:
     def receive(self, event: Event) -> list[Command]:
         """Feed one event; returns the commands to execute, in order."""
         try:
-            self._handle(event)
+            if self.phase == "closed":
+                self._after_close(event)
+            else:
+                self._on[type(event)](event)
         except KushiError as exc:
             self._fail(exc)
         except _ClientGone:
@@ -425,14 +451,18 @@ class Exchange:
             # The next request is already buffered (pipelining): its head now.
             self._pipelined = False
             self._guarded(None)
-        return self._take()
+        out = self._out
+        self._out = []
+        return out
 
     def _guarded(self, event: Event | None) -> None:
         try:
             if event is None:
                 self._head_data(b"")
+            elif self.phase == "closed":
+                self._after_close(event)
             else:
-                self._handle(event)
+                self._on[type(event)](event)
         except KushiError as exc:
             self._fail(exc)
         except _ClientGone:
@@ -445,70 +475,61 @@ class Exchange:
         out, self._out = self._out, []
         return out
 
-    def _handle(self, event: Event) -> None:
-        kind = type(event)
+    def _after_close(self, event: Event) -> None:
+        """The connection is done: an upstream that connected meanwhile is let go."""
+        if type(event) is UpstreamConnected:
+            self._out.append(CloseUpstream(event.upstream, abort=True))
+
+    def _on_client_data(self, event: ClientData) -> None:
         phase = self.phase
-        if phase == "closed":
-            if kind is UpstreamConnected:
-                assert isinstance(event, UpstreamConnected)
-                self._out.append(CloseUpstream(event.upstream, abort=True))
-            return
-        if kind is ClientData:
-            assert isinstance(event, ClientData)
-            if phase == "head":
-                self._head_data(event.data)
-            elif phase == "exchange" or phase == "drain":
-                self._request_body(event.data)
-            else:
-                self.buffer += event.data
-        elif kind is UpstreamData:
-            assert isinstance(event, UpstreamData)
-            if self.upstream is not None and phase == "exchange":
-                self._upstream_data(event.data)
-        elif kind is TimerFired:
-            assert isinstance(event, TimerFired)
-            self._timer(event.name)
-        elif kind is UpstreamConnected:
-            assert isinstance(event, UpstreamConnected)
-            self._connected(event.upstream, event.reused)
-        elif kind is ClientPaused:
-            self._client_paused = True
-            if self.phase == "exchange" and self._resp is not None and not self._resp_done:
-                self._cancel("response_body_idle")
-        elif kind is ClientResumed:
-            self._client_paused = False
-            if self.phase == "exchange" and self._resp is not None and not self._resp_done:
-                self._arm("response_body_idle", self._state.config.timeouts.response_body_idle)
-            if self._finish_waiting:
-                self._finish_waiting = False
-                self._finish(True)
-        elif kind is UpstreamPaused:
-            self._upstream_paused = True
-            if phase == "exchange" and not self._body_done:
-                self._cancel("request_body_idle")
-        elif kind is UpstreamResumed:
-            self._upstream_paused = False
-            if phase == "exchange" and not self._body_done:
-                self._arm("request_body_idle", self._state.config.timeouts.request_body_idle)
-        elif kind is UpstreamEnd:
-            self._upstream_end()
-        elif kind is UpstreamLost:
-            self._upstream_lost()
-        elif kind is ClientEnd:
-            self._client_end()
-        elif kind is ClientClosed:
-            self._client_closed()
-        elif kind is UpstreamFailed:
-            assert isinstance(event, UpstreamFailed)
-            self._connect_failed(event.error)
-        elif kind is AuthChecked:
-            assert isinstance(event, AuthChecked)
-            self._auth_checked(event.user, event.error)
-        elif kind is TunnelClosed:
-            assert isinstance(event, TunnelClosed)
-            self._tunnel_closed(event.up, event.down)
-        elif kind is GraceExpired:
-            self._grace_expired()
+        if phase == "head":
+            self._head_data(event.data)
+        elif phase == "exchange" or phase == "drain":
+            self._request_body(event.data)
+        else:
+            self.buffer += event.data
+
+    def _on_upstream_data(self, event: UpstreamData) -> None:
+        if self.upstream is not None and self.phase == "exchange":
+            self._upstream_data(event.data)
+
+    def _on_timer(self, event: TimerFired) -> None:
+        self._timer(event.name)
+
+    def _on_connected(self, event: UpstreamConnected) -> None:
+        self._connected(event.upstream, event.reused)
+
+    def _on_failed(self, event: UpstreamFailed) -> None:
+        self._connect_failed(event.error)
+
+    def _on_auth(self, event: AuthChecked) -> None:
+        self._auth_checked(event.user, event.error)
+
+    def _on_tunnel_closed(self, event: TunnelClosed) -> None:
+        self._tunnel_closed(event.up, event.down)
+
+    def _on_client_paused(self, event: ClientPaused) -> None:
+        self._client_paused = True
+        if self.phase == "exchange" and self._resp is not None and not self._resp_done:
+            self._cancel("response_body_idle")
+
+    def _on_client_resumed(self, event: ClientResumed) -> None:
+        self._client_paused = False
+        if self.phase == "exchange" and self._resp is not None and not self._resp_done:
+            self._arm("response_body_idle", self._state.config.timeouts.response_body_idle)
+        if self._finish_waiting:
+            self._finish_waiting = False
+            self._finish(True)
+
+    def _on_upstream_paused(self, event: UpstreamPaused) -> None:
+        self._upstream_paused = True
+        if self.phase == "exchange" and not self._body_done:
+            self._cancel("request_body_idle")
+
+    def _on_upstream_resumed(self, event: UpstreamResumed) -> None:
+        self._upstream_paused = False
+        if self.phase == "exchange" and not self._body_done:
+            self._arm("request_body_idle", self._state.config.timeouts.request_body_idle)
 
     # --- deadlines -----------------------------------------------------------------------
 
@@ -639,9 +660,10 @@ class Exchange:
 
     def _authorize(self, req: RequestHead, state: ListenerState) -> None:
         """The allow list and proxy authentication, combined as ``auth_combine`` says."""
-        if self._acl is None or self._acl[0] is not state or state.allow.names:
-            self._acl = (state, state.allow.allows(self.client_ip))
-        need = state.admission(self._acl[1])
+        acl = self._acl
+        if acl is None or acl[0] is not state or state.allow.names:
+            acl = self._acl = (state, state.admission(state.allow.allows(self.client_ip)))
+        need = acl[1]
         if need == "deny":
             raise ClientNotAllowed(
                 f"client {self.client.address} is not in this listener's allow list"
@@ -746,9 +768,11 @@ class Exchange:
         self._reused = reused
         record.upstream = upstream.next_hop
         record.family = upstream.family
-        # A pooled connection's attempts belong to the request that opened it.
-        record.attempts = [] if reused else [a.describe() for a in upstream.fallbacks]
-        record.connect_ms = 0.0 if reused else round(upstream.connect_time * 1000, 3)
+        # A pooled connection's attempts belong to the request that opened it (the
+        # record's own are none, its connect time 0).
+        if not reused:
+            record.attempts = [a.describe() for a in upstream.fallbacks]
+            record.connect_ms = round(upstream.connect_time * 1000, 3)
         if self._route is None:  # CONNECT
             self._tunnel_established(upstream, record)
             return
@@ -1065,6 +1089,8 @@ class Exchange:
             and body_complete
             and not self._up_ended
             and self._route is not None
+            # Bytes beyond the response: whatever they are, the connection is not clean.
+            and not self._ubuf
         )
         if reusable:
             assert self._route is not None

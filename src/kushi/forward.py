@@ -9,6 +9,8 @@ listener passes one on only where a CONNECT could go (or port 80).
 
 from __future__ import annotations
 
+import functools
+
 from kushi.config import Listener, in_port_ranges
 from kushi.errors import RequestDenied, RequestError
 from kushi.http1 import RequestHead, Target
@@ -21,7 +23,7 @@ def route(target: Target, cfg: Listener, pool_tag: str) -> Route:
         raise RequestError(
             f"kushi forwards http:// URLs; for {target.scheme}:// use a CONNECT tunnel"
         )
-    if not in_port_ranges(target.port, cfg.http_ports):
+    if not _http_port(target.port, cfg.http_ports):
         # Squid's Safe_ports: HTTP sent to a mail or database port is an attack on that
         # service (cross-protocol), whoever the client is.
         raise RequestDenied(f"plain HTTP to port {target.port} is not allowed (http_ports)")
@@ -32,6 +34,10 @@ def route(target: Target, cfg: Listener, pool_tag: str) -> Route:
         path=target.path,
         pool_key=("fwd", target.host, target.port, pool_tag),
     )
+
+
+#: ``in_port_ranges`` for the few ports a forward listener sees, remembered.
+_http_port = functools.lru_cache(maxsize=1024)(in_port_ranges)
 
 
 def check_connect_port(port: int, connect_ports: frozenset[int], what: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -34,9 +33,6 @@ class Conn(asyncio.Protocol):
         self.at_eof = False
         self.bytes_in = 0
         self.bytes_out = 0
-        #: Wall-clock time the last byte arrived into an empty ``buf``: the first byte of
-        #: the next request on a kept-alive connection (its duration starts there).
-        self.filled_at = 0.0
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self._on_connect = on_connect
@@ -80,8 +76,6 @@ class Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if not self.buf:
-            self.filled_at = time.time()
         self.buf += data
         if len(self.buf) > READ_HIGH and not self._read_paused and self.transport is not None:
             self._read_paused = True

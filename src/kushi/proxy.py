@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kushi import http1
 from kushi.connector import Upstream
@@ -136,6 +137,20 @@ class HttpSession:
         # The client's byte counters when the current request began (for its record).
         self._consumed_mark = 0
         self._sent_mark = 0
+        #: How each command is executed.
+        self._run_command: dict[type, Callable[[Any], None]] = {
+            SendClient: self._send_client,
+            SendUpstream: self._send_upstream,
+            ArmDeadline: self._arm_deadline,
+            CancelDeadline: self._cancel_deadline,
+            WriteLog: self._write_log,
+            ReleaseUpstream: self._release_upstream,
+            CloseUpstream: self._close_upstream,
+            CloseClient: self._close_client,
+            OpenUpstream: self._open_upstream,
+            CheckAuth: self._later,
+            StartTunnel: self._later,
+        }
 
     def __repr__(self) -> str:
         return f"<HttpSession #{self.serial} {self.client!r}>"
@@ -166,58 +181,71 @@ class HttpSession:
         self._apply(self.exchange.start())
         while not self._done:
             if self._ready:
-                self._feed(self._ready.pop(0))
+                self._apply(self.exchange.receive(self._ready.pop(0)))
             elif self._slow:
                 await self._execute_slow(self._slow.pop(0))
             elif not self._pump():
                 await self._wait()
 
-    def _feed(self, event: Event) -> None:
-        self._apply(self.exchange.receive(event))
-
     def _pump(self) -> bool:
         """Feed the exchange the next thing that happened; False when nothing did.
         Back-pressure first: the exchange must know a side stopped reading before it is
         given more to send that way."""
-        ex = self.exchange
         client = self.client
         upstream = self.upstream
+        if (
+            not client.buf
+            and not client.at_eof
+            and client.write_paused is self._client_paused
+            and (
+                upstream is None
+                or not (
+                    upstream.conn.buf
+                    or upstream.conn.at_eof
+                    or upstream.conn.write_paused is not self._up_paused
+                )
+            )
+        ):
+            return False  # (the usual case before a wait: no news at all)
+        ex = self.exchange
         paused = client.write_paused
         if paused != self._client_paused:
             self._client_paused = paused
-            self._feed(ClientPaused() if paused else ClientResumed())
+            self._apply(self.exchange.receive(ClientPaused() if paused else ClientResumed()))
             return True
         if upstream is not None:
             paused = upstream.conn.write_paused
             if paused != self._up_paused:
                 self._up_paused = paused
-                self._feed(UpstreamPaused() if paused else UpstreamResumed())
+                self._apply(
+                    self.exchange.receive(UpstreamPaused() if paused else UpstreamResumed())
+                )
                 return True
         if ex.reading_client:
             if client.buf:
-                self._feed(ClientData(client.take()))
+                self._apply(self.exchange.receive(ClientData(client.take())))
                 return True
             if client.at_eof and not self._client_end:
                 self._client_end = True
-                self._feed(ClientEnd())
+                self._apply(self.exchange.receive(ClientEnd()))
                 return True
         elif client.lost and not self._client_closed:
             self._client_closed = True
-            self._feed(ClientClosed())
+            self._apply(self.exchange.receive(ClientClosed()))
             return True
         if upstream is not None:
             conn = upstream.conn
             if ex.reading_upstream:
                 if conn.buf:
-                    self._feed(UpstreamData(conn.take()))
+                    self._apply(self.exchange.receive(UpstreamData(conn.take())))
                     return True
                 if conn.at_eof and not self._up_end:
                     self._up_end = True
-                    self._feed(UpstreamEnd())
+                    self._apply(self.exchange.receive(UpstreamEnd()))
                     return True
             elif conn.lost and not self._up_lost:
                 self._up_lost = True
-                self._feed(UpstreamLost())
+                self._apply(self.exchange.receive(UpstreamLost()))
                 return True
         return False
 
@@ -259,7 +287,7 @@ class HttpSession:
             for name, at in list(deadlines.items()):
                 if at <= now and deadlines.get(name) == at:
                     del deadlines[name]
-                    self._feed(TimerFired(name))
+                    self._apply(self.exchange.receive(TimerFired(name)))
                     if self._done:
                         return
 
@@ -277,48 +305,57 @@ class HttpSession:
     # --- executing commands --------------------------------------------------------------
 
     def _apply(self, commands: list[Command]) -> None:
+        run = self._run_command
         for cmd in commands:
-            match cmd:
-                case SendClient():
-                    self.client.write(cmd.data)
-                case SendUpstream():
-                    if self.upstream is not None:
-                        self.upstream.conn.write(cmd.data)
-                case ArmDeadline():
-                    at = self.loop.time() + cmd.seconds
-                    self._deadlines[cmd.name] = at
-                    if self._timer is None or at < self._timer_at:
-                        self._rearm = True
-                case CancelDeadline():
-                    self._deadlines.pop(cmd.name, None)
-                case WriteLog():
-                    self._write_log(cmd)
-                case ReleaseUpstream():
-                    self._detach(cmd.upstream)
-                    self.services.pool.put(cmd.key, cmd.upstream)
-                case CloseUpstream():
-                    self._detach(cmd.upstream)
-                    if cmd.abort:
-                        cmd.upstream.conn.abort()
-                    else:
-                        cmd.upstream.conn.close()
-                case CloseClient():
-                    self._done = True
-                    self._slow.clear()
-                    self._ready.clear()
-                    if cmd.abort:
-                        self.client.abort()
-                    elif cmd.eof:
-                        self.client.write_eof()
-                case OpenUpstream():
-                    upstream = self._pooled(cmd) if cmd.pooled else None
-                    if upstream is not None:
-                        self._attach(upstream)
-                        self._ready.append(UpstreamConnected(upstream, True))
-                    else:
-                        self._slow.append(cmd)
-                case _:  # what must be waited for: after this batch, in order
-                    self._slow.append(cmd)
+            run[type(cmd)](cmd)
+
+    def _send_client(self, cmd: SendClient) -> None:
+        self.client.write(cmd.data)
+
+    def _send_upstream(self, cmd: SendUpstream) -> None:
+        if self.upstream is not None:
+            self.upstream.conn.write(cmd.data)
+
+    def _arm_deadline(self, cmd: ArmDeadline) -> None:
+        at = self.loop.time() + cmd.seconds
+        self._deadlines[cmd.name] = at
+        if self._timer is None or at < self._timer_at:
+            self._rearm = True
+
+    def _cancel_deadline(self, cmd: CancelDeadline) -> None:
+        self._deadlines.pop(cmd.name, None)
+
+    def _release_upstream(self, cmd: ReleaseUpstream) -> None:
+        self._detach(cmd.upstream)
+        self.services.pool.put(cmd.key, cmd.upstream)
+
+    def _close_upstream(self, cmd: CloseUpstream) -> None:
+        self._detach(cmd.upstream)
+        if cmd.abort:
+            cmd.upstream.conn.abort()
+        else:
+            cmd.upstream.conn.close()
+
+    def _close_client(self, cmd: CloseClient) -> None:
+        self._done = True
+        self._slow.clear()
+        self._ready.clear()
+        if cmd.abort:
+            self.client.abort()
+        elif cmd.eof:
+            self.client.write_eof()
+
+    def _open_upstream(self, cmd: OpenUpstream) -> None:
+        upstream = self._pooled(cmd) if cmd.pooled else None
+        if upstream is not None:
+            self._attach(upstream)
+            self._ready.append(UpstreamConnected(upstream, True))
+        else:
+            self._slow.append(cmd)  # connect: after this batch
+
+    def _later(self, cmd: Command) -> None:
+        """What must be waited for (a password check, a tunnel): after this batch."""
+        self._slow.append(cmd)
 
     def _detach(self, upstream: Upstream) -> None:
         upstream.conn.on_wake = None
@@ -349,18 +386,18 @@ class HttpSession:
             try:
                 upstream, reused = await self.open_upstream(cmd)
             except KushiError as exc:
-                self._feed(UpstreamFailed(exc))
+                self._apply(self.exchange.receive(UpstreamFailed(exc)))
                 return
             self._attach(upstream)
-            self._feed(UpstreamConnected(upstream, reused))
+            self._apply(self.exchange.receive(UpstreamConnected(upstream, reused)))
         elif isinstance(cmd, CheckAuth):
             assert cmd.state.auth is not None
             try:
                 user = await cmd.state.auth.check(cmd.header, cmd.client)
             except KushiError as exc:
-                self._feed(AuthChecked(None, exc))
+                self._apply(self.exchange.receive(AuthChecked(None, exc)))
                 return
-            self._feed(AuthChecked(user))
+            self._apply(self.exchange.receive(AuthChecked(user)))
         elif isinstance(cmd, StartTunnel):
             await self._tunnel(cmd)
 
@@ -411,4 +448,4 @@ class HttpSession:
         if cmd.to_client:
             self.client.write(cmd.to_client)
         _up, down = await self.services.relay(self.client, upstream.conn, cmd.record)
-        self._feed(TunnelClosed(_up, down))
+        self._apply(self.exchange.receive(TunnelClosed(_up, down)))
