@@ -684,3 +684,46 @@ def test_upstream_that_stops_reading_pauses_the_upload() -> None:
     assert not b.ex.reading_client  # the client's bytes wait (and its socket fills)
     assert b << UpstreamResumed() == [ArmDeadline("request_body_idle", 5.0)]
     assert b.ex.reading_client
+
+
+def test_upstream_that_sends_more_than_its_response_is_not_pooled() -> None:
+    b = Book()
+    b << ClientData(get())
+    up = upstream()
+    b << UpstreamConnected(up, reused=False)
+    cmds = b << UpstreamData(OK_BODY + b"HTTP/1.1 200 OK\r\n")  # an unasked-for extra
+    assert cmds[:3] == [CancelDeadline("upstream_header"), SendClient(OK_OUT), CloseUpstream(up)]
+
+
+def test_early_response_waits_a_moment_for_the_rest_of_the_upload() -> None:
+    b = Book()
+    b << ClientData(PUT_10 + b"12")
+    up = upstream()
+    b << UpstreamConnected(up, reused=False)
+    too_large = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n"
+    cmds = b << UpstreamData(too_large)
+    assert isinstance(cmds[1], SendClient) and cmds[1].data.startswith(b"HTTP/1.1 413 ")
+    assert cmds[2:] == [ArmDeadline("request_body_finish", 1.0)]
+    assert b.ex.reading_client  # the rest of the body still goes on
+    # It does not come: both connections end (the client's body is not read any more).
+    assert b << TimerFired("request_body_finish") == [
+        CloseUpstream(up),
+        logged(status=413),
+        CloseClient(),
+    ]
+
+
+def test_early_response_then_the_upload_completes_keeps_both() -> None:
+    b = Book()
+    b << ClientData(PUT_10 + b"12")
+    up = upstream()
+    b << UpstreamConnected(up, reused=False)
+    b << UpstreamData(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert b << ClientData(b"34567890") == [
+        SendUpstream(b"34567890"),
+        CancelDeadline("request_body_idle"),
+        CancelDeadline("request_body_finish"),
+        ReleaseUpstream(up, b.key),
+        logged(status=413),
+        ArmDeadline("idle", 60.0),
+    ]
