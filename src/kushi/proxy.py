@@ -120,7 +120,7 @@ class HttpSession:
         self._private_keys: set[tuple[object, ...]] = set()
         self._done = False
         self._slow: list[Command] = []  # commands that wait (connect, password, tunnel)
-        self._ready: list[Event] = []  # their answers, when they had no need to wait
+        self._ready: Event | None = None  # the answer of one that had no need to wait
         # Deadlines by name (event-loop time) and the one lazily armed timer for them.
         self._deadlines: dict[DeadlineName, float] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -180,9 +180,7 @@ class HttpSession:
     async def _run(self) -> None:
         self._apply(self.exchange.start())
         while not self._done:
-            if self._ready:
-                self._apply(self.exchange.receive(self._ready.pop(0)))
-            elif self._slow:
+            if self._slow:
                 await self._execute_slow(self._slow.pop(0))
             elif not self._pump():
                 await self._wait()
@@ -306,8 +304,15 @@ class HttpSession:
 
     def _apply(self, commands: list[Command]) -> None:
         run = self._run_command
-        for cmd in commands:
-            run[type(cmd)](cmd)
+        while True:
+            for cmd in commands:
+                run[type(cmd)](cmd)
+            # A command answered at once (a pooled upstream): its answer, after the batch.
+            event = self._ready
+            if event is None:
+                return
+            self._ready = None
+            commands = self.exchange.receive(event)
 
     def _send_client(self, cmd: SendClient) -> None:
         self.client.write(cmd.data)
@@ -339,7 +344,7 @@ class HttpSession:
     def _close_client(self, cmd: CloseClient) -> None:
         self._done = True
         self._slow.clear()
-        self._ready.clear()
+        self._ready = None
         if cmd.abort:
             self.client.abort()
         elif cmd.eof:
@@ -349,7 +354,7 @@ class HttpSession:
         upstream = self._pooled(cmd) if cmd.pooled else None
         if upstream is not None:
             self._attach(upstream)
-            self._ready.append(UpstreamConnected(upstream, True))
+            self._ready = UpstreamConnected(upstream, True)
         else:
             self._slow.append(cmd)  # connect: after this batch
 
