@@ -198,14 +198,24 @@ Event = (
 
 @dataclass(frozen=True, slots=True)
 class OpenUpstream:
-    """Connect (or take a pooled connection under ``route.pool_key``, when ``pooled``);
-    answer with ``UpstreamConnected`` or ``UpstreamFailed``. ``preamble`` is written
-    first on a new connection (a PROXY header)."""
+    """Take a pooled connection under ``route.pool_key``, or connect; answer with
+    ``UpstreamConnected`` or ``UpstreamFailed``. ``preamble`` is written first on a new
+    connection (a PROXY header)."""
 
     state: ListenerState
     route: Route
     preamble: bytes = b""
-    pooled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class OpenTunnel:
+    """Connect for a CONNECT tunnel (``Services.open_tunnel``, as SOCKS5 does; never
+    pooled); answer with ``UpstreamConnected`` or ``UpstreamFailed``."""
+
+    state: ListenerState
+    host: str
+    port: int
+    record: AccessRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +298,7 @@ class CloseClient:
 
 Command = (
     OpenUpstream
+    | OpenTunnel
     | SendClient
     | SendUpstream
     | ReleaseUpstream
@@ -1124,9 +1135,9 @@ class Exchange:
 
     def _connect_tunnel(self, target: Target, state: ListenerState) -> None:
         forward.check_connect_port(target.port, state.cfg.connect_ports, "CONNECT")
-        route = Route(target.host, target.port, b"", b"", ())
         self.phase = "connect"
-        self._out.append(OpenUpstream(state, route, pooled=False))
+        assert self.record is not None
+        self._out.append(OpenTunnel(state, target.host, target.port, self.record))
 
     def _tunnel_established(self, upstream: Upstream, record: AccessRecord) -> None:
         record.status = 200

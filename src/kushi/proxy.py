@@ -37,6 +37,7 @@ from kushi.exchange import (
     Event,
     Exchange,
     GraceExpired,
+    OpenTunnel,
     OpenUpstream,
     ReleaseUpstream,
     SendClient,
@@ -148,6 +149,7 @@ class HttpSession:
             CloseUpstream: self._close_upstream,
             CloseClient: self._close_client,
             OpenUpstream: self._open_upstream,
+            OpenTunnel: self._later,
             CheckAuth: self._later,
             StartTunnel: self._later,
         }
@@ -351,7 +353,7 @@ class HttpSession:
             self.client.write_eof()
 
     def _open_upstream(self, cmd: OpenUpstream) -> None:
-        upstream = self._pooled(cmd) if cmd.pooled else None
+        upstream = self._pooled(cmd)
         if upstream is not None:
             self._attach(upstream)
             self._ready = UpstreamConnected(upstream, True)
@@ -395,6 +397,16 @@ class HttpSession:
                 return
             self._attach(upstream)
             self._apply(self.exchange.receive(UpstreamConnected(upstream, reused)))
+        elif isinstance(cmd, OpenTunnel):
+            try:
+                upstream = await self.services.open_tunnel(
+                    cmd.state, cmd.host, cmd.port, cmd.record, "CONNECT"
+                )
+            except KushiError as exc:
+                self._apply(self.exchange.receive(UpstreamFailed(exc)))
+                return
+            self._attach(upstream)
+            self._apply(self.exchange.receive(UpstreamConnected(upstream, False)))
         elif isinstance(cmd, CheckAuth):
             assert cmd.state.auth is not None
             try:

@@ -30,6 +30,7 @@ from kushi.exchange import (
     CloseUpstream,
     Command,
     Exchange,
+    OpenTunnel,
     OpenUpstream,
     ReleaseUpstream,
     SendClient,
@@ -427,14 +428,15 @@ def test_pooled_connection_closed_by_the_server_is_retried_once() -> None:
 def test_connect_tunnel_hands_over_the_buffered_bytes() -> None:
     b = Book(connect_ports=frozenset({443}))
     head = b"CONNECT v6.example:443 HTTP/1.1\r\nHost: v6.example:443\r\n\r\n"
-    assert b << ClientData(head + b"\x16\x03\x01hello") == [
+    cmds = b << ClientData(head + b"\x16\x03\x01hello")
+    record = b.ex.record
+    assert isinstance(record, AccessRecord)
+    assert cmds == [
         CancelDeadline("header_read"),
-        OpenUpstream(b.state, Route("v6.example", 443, b"", b"", ()), pooled=False),
+        OpenTunnel(b.state, "v6.example", 443, record),  # never pooled
     ]
     up = upstream(port=443)
     cmds = b << UpstreamConnected(up, reused=False)
-    record = b.ex.record
-    assert isinstance(record, AccessRecord)
     assert cmds == [
         SendClient(
             b"HTTP/1.1 200 Connection established\r\n"
