@@ -190,63 +190,47 @@ class HttpSession:
     def _pump(self) -> bool:
         """Feed the exchange the next thing that happened; False when nothing did.
         Back-pressure first: the exchange must know a side stopped reading before it is
-        given more to send that way."""
+        given more to send that way. (The exchange says what it reads; a connection's
+        bytes wait in its buffer until then, and its reading pauses when that is full.)"""
         client = self.client
         upstream = self.upstream
-        if (
-            not client.buf
-            and not client.at_eof
-            and client.write_paused is self._client_paused
-            and (
-                upstream is None
-                or not (
-                    upstream.conn.buf
-                    or upstream.conn.at_eof
-                    or upstream.conn.write_paused is not self._up_paused
-                )
-            )
-        ):
-            return False  # (the usual case before a wait: no news at all)
-        ex = self.exchange
-        paused = client.write_paused
-        if paused != self._client_paused:
-            self._client_paused = paused
-            self._apply(self.exchange.receive(ClientPaused() if paused else ClientResumed()))
+        conn = upstream.conn if upstream is not None else None
+        receive = self.exchange.receive
+        if client.write_paused is not self._client_paused:
+            self._client_paused = paused = client.write_paused
+            self._apply(receive(ClientPaused() if paused else ClientResumed()))
             return True
-        if upstream is not None:
-            paused = upstream.conn.write_paused
-            if paused != self._up_paused:
-                self._up_paused = paused
-                self._apply(
-                    self.exchange.receive(UpstreamPaused() if paused else UpstreamResumed())
-                )
-                return True
-        if ex.reading_client:
-            if client.buf:
-                self._apply(self.exchange.receive(ClientData(client.take())))
-                return True
-            if client.at_eof and not self._client_end:
-                self._client_end = True
-                self._apply(self.exchange.receive(ClientEnd()))
-                return True
-        elif client.lost and not self._client_closed:
-            self._client_closed = True
-            self._apply(self.exchange.receive(ClientClosed()))
+        if conn is not None and conn.write_paused is not self._up_paused:
+            self._up_paused = paused = conn.write_paused
+            self._apply(receive(UpstreamPaused() if paused else UpstreamResumed()))
             return True
-        if upstream is not None:
-            conn = upstream.conn
-            if ex.reading_upstream:
-                if conn.buf:
-                    self._apply(self.exchange.receive(UpstreamData(conn.take())))
+        if client.buf and self.exchange.reading_client:
+            self._apply(receive(ClientData(client.take())))
+            return True
+        if client.at_eof:  # (also when the connection is lost)
+            if self.exchange.reading_client:
+                if not self._client_end:
+                    self._client_end = True
+                    self._apply(receive(ClientEnd()))
                     return True
-                if conn.at_eof and not self._up_end:
-                    self._up_end = True
-                    self._apply(self.exchange.receive(UpstreamEnd()))
-                    return True
-            elif conn.lost and not self._up_lost:
-                self._up_lost = True
-                self._apply(self.exchange.receive(UpstreamLost()))
+            elif client.lost and not self._client_closed:
+                self._client_closed = True
+                self._apply(receive(ClientClosed()))
                 return True
+        if conn is not None:
+            if conn.buf and self.exchange.reading_upstream:
+                self._apply(receive(UpstreamData(conn.take())))
+                return True
+            if conn.at_eof:
+                if self.exchange.reading_upstream:
+                    if not self._up_end:
+                        self._up_end = True
+                        self._apply(receive(UpstreamEnd()))
+                        return True
+                elif conn.lost and not self._up_lost:
+                    self._up_lost = True
+                    self._apply(receive(UpstreamLost()))
+                    return True
         return False
 
     def _wake(self) -> None:
