@@ -314,7 +314,6 @@ Command = (
 _CANCELS: dict[DeadlineName, CancelDeadline] = {
     name: CancelDeadline(name) for name in get_args(DeadlineName)
 }
-_ARMS: dict[tuple[DeadlineName, float], ArmDeadline] = {}
 
 Phase = Literal["head", "auth", "connect", "exchange", "drain", "tunnel", "closed"]
 
@@ -358,6 +357,8 @@ class Exchange:
         self._head_deadline: DeadlineName = "header_read"
         self._started = 0.0
         self._pipelined = False
+        self._arms: dict[DeadlineName, ArmDeadline] = {}
+        self._arms_for: ListenerState | None = None
         #: How each event is taken in.
         self._on: dict[type, Callable[[Any], None]] = {
             ClientData: self._on_client_data,
@@ -527,7 +528,7 @@ class Exchange:
     def _on_client_resumed(self, event: ClientResumed) -> None:
         self._client_paused = False
         if self.phase == "exchange" and self._resp is not None and not self._resp_done:
-            self._arm("response_body_idle", self._state.config.timeouts.response_body_idle)
+            self._arm("response_body_idle")
         if self._finish_waiting:
             self._finish_waiting = False
             self._finish(True)
@@ -540,16 +541,27 @@ class Exchange:
     def _on_upstream_resumed(self, event: UpstreamResumed) -> None:
         self._upstream_paused = False
         if self.phase == "exchange" and not self._body_done:
-            self._arm("request_body_idle", self._state.config.timeouts.request_body_idle)
+            self._arm("request_body_idle")
 
     # --- deadlines -----------------------------------------------------------------------
 
-    def _arm(self, name: DeadlineName, seconds: float) -> None:
-        if seconds:
-            # (Commands are immutable: the few distinct ones are made once.)
-            cmd = _ARMS.get((name, seconds))
-            if cmd is None:
-                cmd = _ARMS[name, seconds] = ArmDeadline(name, seconds)
+    def _arm(self, name: DeadlineName) -> None:
+        """Arm ``name`` for the time the request's snapshot gives it (0: never)."""
+        if self._arms_for is not self._state:
+            # (Commands are immutable: one set per snapshot, made when it is first used.)
+            t = self._state.config.timeouts
+            seconds: dict[DeadlineName, float] = {
+                "header_read": t.header_read,
+                "idle": t.idle,
+                "request_body_idle": t.request_body_idle,
+                "upstream_header": t.upstream_header,
+                "response_body_idle": t.response_body_idle,
+                "request_body_finish": BODY_FINISH_GRACE,
+            }
+            self._arms = {k: ArmDeadline(k, v) for k, v in seconds.items() if v}
+            self._arms_for = self._state
+        cmd = self._arms.get(name)
+        if cmd is not None:
             self._out.append(cmd)
 
     def _cancel(self, name: DeadlineName) -> None:
@@ -600,17 +612,16 @@ class Exchange:
         force now (a reload applies to the next request of a kept-alive connection)."""
         self._reset_request()
         self.phase = "head"
-        self._state = state = self.snapshot()
+        self._state = self.snapshot()
         if self.stopping() and not self.buffer:
             self._close_client()
             return
-        timeouts = state.config.timeouts
         if self._first or self.buffer:
             self._head_deadline = "header_read"
-            self._arm("header_read", timeouts.header_read)
+            self._arm("header_read")
         else:
             self._head_deadline = "idle"
-            self._arm("idle", timeouts.idle)
+            self._arm("idle")
         # A pipelined request began when the one before it ended; a kept-alive one with
         # its first byte (Squid's duration).
         self._started = self.clock() if self.buffer else 0.0
@@ -792,15 +803,14 @@ class Exchange:
         if self._ubuf:
             self._ubuf = bytearray()  # (a retry: nothing of the stale connection stays)
         self._out.append(SendUpstream(self._up_head))
-        timeouts = self._state.config.timeouts
         if req.framing.kind == "none":
             self._body_done = True
-            self._arm("upstream_header", timeouts.upstream_header)
+            self._arm("upstream_header")
             return
         self._body_done = False
         self._req_reader = http1.body_reader(req.framing, RequestError)
         self._req_chunked = req.framing.kind == "chunked"
-        self._arm("request_body_idle", timeouts.request_body_idle)
+        self._arm("request_body_idle")
         if self.buffer:
             self._request_body(b"")
 
@@ -845,7 +855,7 @@ class Exchange:
             self._body_complete()
             return
         # The body's idle deadline restarts with every byte.
-        self._arm("request_body_idle", self._state.config.timeouts.request_body_idle)
+        self._arm("request_body_idle")
 
     def _body_complete(self) -> None:
         self._body_done = True
@@ -855,7 +865,7 @@ class Exchange:
             return
         if self._resp is None:
             # The response head's deadline starts only now: a slow upload is not cut by it.
-            self._arm("upstream_header", self._state.config.timeouts.upstream_header)
+            self._arm("upstream_header")
         elif self._resp_done:
             self._cancel("request_body_finish")
             self._finish(True)
@@ -967,7 +977,7 @@ class Exchange:
             return
         self._out.append(SendClient(out_head))
         self._resp_reader = http1.body_reader(resp.framing, UpstreamError)
-        self._arm("response_body_idle", self._state.config.timeouts.response_body_idle)
+        self._arm("response_body_idle")
 
     def _response_body(self, data: bytes) -> None:
         reader = self._resp_reader
@@ -1017,7 +1027,7 @@ class Exchange:
                 record.bytes_out += len(piece)
             self._response_done()
             return
-        self._arm("response_body_idle", self._state.config.timeouts.response_body_idle)
+        self._arm("response_body_idle")
 
     def _response_done(self) -> None:
         self._resp_done = True
@@ -1033,7 +1043,7 @@ class Exchange:
             return
         # The upstream answered before reading the whole body (e.g. 413): give the client
         # a moment to finish; otherwise close both connections.
-        self._arm("request_body_finish", BODY_FINISH_GRACE)
+        self._arm("request_body_finish")
 
     def _upstream_end(self) -> None:
         upstream, req = self.upstream, self.req
@@ -1222,7 +1232,7 @@ class Exchange:
         self.phase = "drain"
         self._body_done = False
         self._req_reader = http1.body_reader(req.framing, RequestError)
-        self._arm("request_body_idle", self._state.config.timeouts.request_body_idle)
+        self._arm("request_body_idle")
         if self.buffer:
             self._request_body(b"")
 
