@@ -120,6 +120,9 @@ class Upstream:
     source: str = ""
     #: What the resolver had to say (a stale answer, RFC 8767), for the access log.
     notes: tuple[str, ...] = ()
+    #: The listener snapshot whose destination rules this connection last passed (a
+    #: pooled connection is checked again only under another snapshot).
+    allowed_under: object = None
 
     @property
     def next_hop(self) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
@@ -42,15 +41,13 @@ class Conn(asyncio.Protocol):
         self.at_eof = False
         self.bytes_in = 0
         self.bytes_out = 0
-        #: Wall-clock time the last byte arrived into an empty ``buf``: the first byte of
-        #: the next request on a kept-alive connection (its duration starts there).
-        self.filled_at = 0.0
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self._on_connect = on_connect
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
+        #: The transport asked us to stop writing (more than ``HIGH_WATER`` queued).
+        self.write_paused = False
         self._read_paused = False
         self._lost = False
         self._tls = False
@@ -71,6 +68,9 @@ class Conn(asyncio.Protocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        #: Called whenever something happens to this connection (bytes or end of stream
+        #: arrived, it was lost, writing resumed): an event-driven owner's wake-up.
+        self.on_wake: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Conn {fmt_addr(*self.local)} <-> {fmt_addr(*self.peer)}>"
@@ -103,8 +103,6 @@ class Conn(asyncio.Protocol):
                 self._wake()
                 return
         self.bytes_in += len(data)
-        if not self.buf:
-            self.filled_at = time.time()
         self.buf += data
         if len(self.buf) > READ_HIGH and not self._read_paused and self.transport is not None:
             self._read_paused = True
@@ -123,6 +121,7 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.at_eof = True
         self._lost = True
+        self.write_paused = False
         if exc is not None:
             self.reset = True
         self._wake()
@@ -137,18 +136,27 @@ class Conn(asyncio.Protocol):
             self._closed.set_result(None)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.on_wake is not None:
+            self.on_wake()
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.on_wake is not None:
+            self.on_wake()
+
+    @property
+    def lost(self) -> bool:
+        """The connection is gone (closed by either side or failed)."""
+        return self._lost
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -240,6 +248,15 @@ class Conn(asyncio.Protocol):
             self._read_paused = True
             transport.pause_reading()
 
+    def take(self) -> bytes:
+        """Every buffered byte, at once (reading resumes if it had paused)."""
+        data = bytes(self.buf)
+        self.buf.clear()
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
     # --- writing -------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
@@ -262,7 +279,7 @@ class Conn(asyncio.Protocol):
     async def drain(self) -> None:
         if self._lost:
             raise ConnectionResetError("connection lost")
-        if not self._write_paused:
+        if not self.write_paused:
             return
         waiter = self.loop.create_future()
         self._drain_waiter = waiter
@@ -368,7 +385,6 @@ class Conn(asyncio.Protocol):
         data = self._decrypt()
         if data:
             self.bytes_in += len(data)
-            self.filled_at = time.time()
             self.buf += data
 
     def _decrypt(self) -> bytes:

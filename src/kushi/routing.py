@@ -66,6 +66,21 @@ def max_forwards(head: RequestHead) -> int | None:
     return int(text) if text.isdigit() and len(text) < 10 else None
 
 
+@dataclass(slots=True)
+class Route:
+    """Where one request goes (decided by ``forward.route`` or ``reverse.route``): the
+    host and port to connect to, the Host field and request target to send, and the key
+    under which its upstream connection is pooled (``private``: never shared, since it
+    carries this client's PROXY header)."""
+
+    host: str
+    port: int
+    host_header: bytes
+    path: bytes
+    pool_key: tuple[object, ...]
+    private: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
     """Who is on the other end of the client connection (after PROXY protocol)."""

@@ -21,10 +21,12 @@ from typing import Literal, Protocol
 from kushi.accesslog import AccessLog, AccessRecord
 from kushi.acl import AllowList, DestinationPolicy, forwards_by_client_choice, local_addresses
 from kushi.auth import Htpasswd
-from kushi.config import PROXY_MODES, Config, Listener, parse_hostport, source_plan
+from kushi.backends import BackendSet
+from kushi.config import PROXY_MODES, Config, Listener, source_plan
 from kushi.config import EgressPolicy as EgressMode
 from kushi.connector import Connector, EgressPolicy, Upstream
-from kushi.errors import DestinationUnavailable, LoopDetected, RequestDenied
+from kushi.errors import LoopDetected
+from kushi.forward import check_connect_port
 from kushi.netio import Conn
 from kushi.pool import UpstreamPool
 from kushi.resolver import IPAddress, Nat64, Resolver, ResolverSettings, ip_literal
@@ -56,51 +58,6 @@ def resolver_settings(config: Config) -> ResolverSettings:
         resolv_conf=config.resolv_conf,
         hosts_file=config.hosts_file,
     )
-
-
-@dataclass(slots=True)
-class Backend:
-    host: str
-    port: int
-    down_until: float = 0.0
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-class BackendSet:
-    """Round-robin over healthy backends; one that refuses is skipped for ``retry`` seconds."""
-
-    def __init__(self, specs: tuple[str, ...], mode: str, retry: float) -> None:
-        self.backends: list[Backend] = []
-        for spec in specs:
-            if mode == "reverse":
-                rest = spec.partition("://")[2].rstrip("/")
-                addr = parse_hostport(rest, "backend", default_port=80)
-            else:
-                addr = parse_hostport(spec, "backend")
-            self.backends.append(Backend(addr.host, addr.port))
-        self.retry = retry
-        self._next = 0
-
-    def candidates(self) -> list[Backend]:
-        """Healthy backends in round-robin order (all of them if every one is down)."""
-        now = time.monotonic()
-        n = len(self.backends)
-        if not n:
-            raise DestinationUnavailable("no backend configured")
-        start = self._next % n
-        self._next += 1
-        order = self.backends[start:] + self.backends[:start]
-        healthy = [b for b in order if b.down_until <= now]
-        return healthy or order
-
-    def mark_down(self, backend: Backend) -> None:
-        backend.down_until = time.monotonic() + self.retry
-        log.warning("backend %s marked down for %g s", backend, self.retry)
-
-    def mark_up(self, backend: Backend) -> None:
-        backend.down_until = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,9 +271,7 @@ class Services:
     ) -> Upstream:
         """The upstream of a CONNECT tunnel (HTTP or SOCKS5, ``what``): ``connect_ports``
         first, then the one egress path; the record learns how it was reached."""
-        if port not in state.cfg.connect_ports:
-            allowed = ", ".join(str(p) for p in sorted(state.cfg.connect_ports))
-            raise RequestDenied(f"{what} to port {port} is not allowed (allowed: {allowed})")
+        check_connect_port(port, state.cfg.connect_ports, what)
         egress = state.egress(record.client, record.user)
         upstream = await self.connector.connect(
             host, port, egress.policy, state.destinations, egress.source

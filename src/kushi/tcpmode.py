@@ -14,9 +14,9 @@ import logging
 import time
 
 from kushi.accesslog import AccessRecord
-from kushi.errors import ConnectionRefused, ConnectionTimeout, DestinationUnroutable, KushiError
+from kushi.backends import FailOver, proxy_header
+from kushi.errors import KushiError
 from kushi.netio import Conn
-from kushi.proxyproto import build as build_proxy_header
 from kushi.routing import ClientInfo
 from kushi.runtime import ListenerState, Services
 
@@ -31,40 +31,30 @@ async def serve_tcp(
         time=started, listener=listener, mode="tcp", client=info.address, method="TCP"
     )
     try:
-        upstream = None
-        last: KushiError | None = None
         egress = state.egress(info.address)
-        for backend in state.backends.candidates():
+        failover = FailOver(state.backends)
+        while True:
+            backend = failover.next()  # raises the last failure when none is left
             record.target = str(backend)
             try:
                 upstream = await services.connector.connect(
                     backend.host, backend.port, egress.policy, source=egress.source
                 )
-            except (ConnectionRefused, ConnectionTimeout, DestinationUnroutable) as exc:
-                state.backends.mark_down(backend)
-                last = exc
-                continue
-            state.backends.mark_up(backend)
+            except KushiError as exc:
+                if failover.failed(exc):
+                    continue
+                raise
+            failover.connected()
             break
-        if upstream is None:
-            assert last is not None
-            raise last
         record.upstream = upstream.next_hop
         record.family = upstream.family
         record.source = upstream.source
         record.attempts = [a.describe() for a in upstream.fallbacks]
         record.notes = upstream.report_notes
         record.connect_ms = round(upstream.connect_time * 1000, 3)
-        if state.cfg.backend_proxy_protocol:
-            upstream.conn.write(
-                build_proxy_header(
-                    state.cfg.backend_proxy_protocol,
-                    info.address,
-                    info.port,
-                    info.local_address,
-                    info.local_port,
-                )
-            )
+        preamble = proxy_header(state.cfg.backend_proxy_protocol, info)
+        if preamble:
+            upstream.conn.write(preamble)
         record.status = 200
         try:
             record.bytes_in, record.bytes_out = await services.relay(client, upstream.conn, record)

@@ -538,6 +538,34 @@ def test_streaming_200mib_download_keeps_rss_small(kushi: Proxy, origin: Origin)
     assert growth < 64 * 1024, f"kushi RSS grew by {growth} KiB during a 200 MiB download"
 
 
+def test_client_that_stops_reading_holds_the_download_back(kushi: Proxy, origin: Origin) -> None:
+    """Back-pressure: while the client reads nothing, kushi stops reading the origin
+    instead of queueing the whole response for it (a slow reader cannot fill memory)."""
+    n = 256 * 1024 * 1024
+    pid = kushi.proc.proc.pid
+    with Raw(kushi.port) as c:  # warm up
+        c.send(request("GET", origin.url(f"/bytes/{1024 * 1024}?{marker()}")))
+        c.response()
+    baseline = rss_kib(pid)
+    with Raw(kushi.port) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        c.send(request("GET", origin.url(f"/bytes/{n}?{marker()}")))
+        resp = c.head()
+        assert resp.status == 200
+        time.sleep(2.0)  # not one byte read: the origin could have sent all 256 MiB by now
+        growth = rss_kib(pid) - baseline
+        digest = hashlib.sha256()
+        remaining = n
+        while remaining:
+            data = c.rfile.read1(min(remaining, 1 << 20))
+            assert data, "download cut short"
+            digest.update(data)
+            remaining -= len(data)
+    assert digest.hexdigest() == pattern_sha256(n)
+    print(f"kushi RSS grew by {growth} KiB while the client read nothing")
+    assert growth < 32 * 1024, f"kushi queued {growth} KiB for a client that was not reading"
+
+
 def test_http10_client_gets_correct_response(kushi: Proxy, origin: Origin, workdir: Path) -> None:
     mark = marker()
     res = curl(kushi.port, workdir, "-0", origin.url(f"/1k?{mark}"))
