@@ -160,6 +160,28 @@ def bulk_mbps(door: str, proxy: int, port: int) -> float:
     return float(out.stdout) / 1e6
 
 
+def start_origin_and_kushi(
+    oport: int, bulk_mib: int, config: Path, work: Path
+) -> list[subprocess.Popen[bytes]]:
+    """This module's origin (``--origin``) and a kushi serving ``config``, both ready; the
+    caller terminates them. (bench.tls_compare starts its pair the same way.)"""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.socks_vs_http", "--origin", str(oport), str(bulk_mib)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+        ),
+        subprocess.Popen(
+            [str(KUSHI), "serve", "--config", str(config)], stderr=(work / "kushi.log").open("wb")
+        ),
+    ]
+    assert procs[0].stdout is not None and procs[0].stdout.readline() == b"ready\n"
+    while "kushi ready" not in (work / "kushi.log").read_text():
+        assert procs[1].poll() is None, (work / "kushi.log").read_text()
+        time.sleep(0.05)
+    return procs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -197,28 +219,8 @@ mode = "socks"
 listen = ["127.0.0.1:{socks}"]
 """
     )
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.socks_vs_http",
-                "--origin",
-                str(oport),
-                str(args.bulk_mib),
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-        ),
-        subprocess.Popen(
-            [str(KUSHI), "serve", "--config", str(config)], stderr=(work / "kushi.log").open("wb")
-        ),
-    ]
+    procs = start_origin_and_kushi(oport, args.bulk_mib, config, work)
     try:
-        assert procs[0].stdout is not None and procs[0].stdout.readline() == b"ready\n"
-        while "kushi ready" not in (work / "kushi.log").read_text():
-            assert procs[1].poll() is None, (work / "kushi.log").read_text()
-            time.sleep(0.05)
         figures: dict[str, dict[str, list[float]]] = {
             door: {"bulk": [], "tunnels": [], "keepalive": []} for door in ("http", "socks")
         }

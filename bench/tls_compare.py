@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.socks_vs_http import KUSHI, REPO, free_port
+from bench.socks_vs_http import free_port, start_origin_and_kushi
 
 Door = tuple[int, ssl.SSLContext | None]
 
@@ -143,28 +143,8 @@ tls_key = "{key}"
     )
     ctx = ssl.create_default_context(cafile=str(cert))
     doors: dict[str, Door] = {"plain": (plain, None), "tls": (tls, ctx)}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.socks_vs_http",
-                "--origin",
-                str(oport),
-                str(args.bulk_mib),
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-        ),
-        subprocess.Popen(
-            [str(KUSHI), "serve", "--config", str(config)], stderr=(work / "kushi.log").open("wb")
-        ),
-    ]
+    procs = start_origin_and_kushi(oport, args.bulk_mib, config, work)
     try:
-        assert procs[0].stdout is not None and procs[0].stdout.readline() == b"ready\n"
-        while "kushi ready" not in (work / "kushi.log").read_text():
-            assert procs[1].poll() is None, (work / "kushi.log").read_text()
-            time.sleep(0.05)
         keys = ("keepalive", "connect_keepalive", "bulk_get", "bulk_connect")
         figures = {door: {k: [] for k in keys} for door in doors}  # type: dict[str, dict[str, list[float]]]
         for rnd in range(args.rounds):
