@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kushi.config import parse_hostport
+from kushi.config import Address
 from kushi.errors import (
     ConnectionRefused,
     ConnectionTimeout,
@@ -43,15 +44,8 @@ class Backend:
 class BackendSet:
     """Round-robin over healthy backends; one that refuses is skipped for ``retry`` seconds."""
 
-    def __init__(self, specs: tuple[str, ...], mode: str, retry: float) -> None:
-        self.backends: list[Backend] = []
-        for spec in specs:
-            if mode == "reverse":
-                rest = spec.partition("://")[2].rstrip("/")
-                addr = parse_hostport(rest, "backend", default_port=80)
-            else:
-                addr = parse_hostport(spec, "backend")
-            self.backends.append(Backend(addr.host, addr.port))
+    def __init__(self, addresses: Iterable[Address], retry: float) -> None:
+        self.backends = [Backend(addr.host, addr.port) for addr in addresses]
         self.retry = retry
         self._next = 0
 

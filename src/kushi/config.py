@@ -183,6 +183,8 @@ class Listener:
     access_log: str | None = "-"
     access_log_format: Literal["squid", "json"] = "squid"
     backend: tuple[str, ...] = ()
+    #: The backends' addresses, parsed from ``backend`` when the config is loaded.
+    backend_addresses: tuple[Address, ...] = field(default=(), repr=False)
     preserve_host: bool = True
     trusted_proxies: tuple[IPNetwork, ...] = ()
     proxy_protocol: bool = False
@@ -287,7 +289,7 @@ class Config:
 
 # Keys that may appear at the top level and in a [[listener]] table.
 #: Derived at load, never set by hand.
-DERIVED_KEYS = frozenset({"auth_users", "tls_context"})
+DERIVED_KEYS = frozenset({"auth_users", "tls_context", "backend_addresses"})
 LISTENER_KEYS = {f.name for f in fields(Listener)} - {"name"} - DERIVED_KEYS
 GLOBAL_KEYS = {
     "log_level",
@@ -580,14 +582,17 @@ def _sources(key: str, value: Any) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-def _check_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> None:
+def parse_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> tuple[Address, ...]:
+    """Each ``backend`` entry checked and parsed: ``http://HOST[:PORT]`` for reverse
+    listeners, ``HOST:PORT`` for tcp ones."""
     key = f"listener {name}: backend"
     if mode in PROXY_MODES:
         if backends:
             raise ConfigError(key, f"a {mode} listener has no backend (its clients name targets)")
-        return
+        return ()
     if not backends:
         raise ConfigError(key, f"a {mode} listener needs at least one backend")
+    out = []
     for item in backends:
         scheme, sep, rest = item.partition("://")
         if mode == "reverse":
@@ -600,11 +605,12 @@ def _check_backends(name: str, mode: Mode, backends: tuple[str, ...]) -> None:
                     f"{item!r}: a path (/{path}) is not supported; a backend is "
                     "http://HOST[:PORT] and gets each request's own path",
                 )
-            parse_hostport(authority, key, default_port=80)
+            out.append(parse_hostport(authority, key, default_port=80))
         else:
             if sep:
                 raise ConfigError(key, f"{item!r}: a tcp backend is HOST:PORT, without {scheme}://")
-            parse_hostport(item, key)
+            out.append(parse_hostport(item, key))
+    return tuple(out)
 
 
 def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
@@ -617,7 +623,7 @@ def _build_listener(name: str, values: Mapping[str, Any]) -> Listener:
     if mode in DEFAULT_CONNECT_PORTS:
         kwargs.setdefault("connect_ports", DEFAULT_CONNECT_PORTS[mode])
     listener = Listener(name=name, mode=mode, listen=listen, allow=allow, **kwargs)
-    _check_backends(name, mode, listener.backend)
+    listener = replace(listener, backend_addresses=parse_backends(name, mode, listener.backend))
     if listener.mode in PROXY_MODES and not listener.open:
         public = [a for a in listener.listen if not _is_loopback(a.host)]
         guarded = listener.auth_file is not None and listener.auth_combine == "both"

@@ -121,7 +121,7 @@ class ListenerState:
                 tag = f"{self.pool_tag}#user={user.name}#{policy!r}"
                 self._users[user.name] = Egress(policy, plan, tag)
         self.access_log = AccessLog(cfg.access_log, cfg.access_log_format)
-        self.backends = BackendSet(cfg.backend, cfg.mode, cfg.backend_retry)
+        self.backends = BackendSet(cfg.backend_addresses, cfg.backend_retry)
         self.trusted = cfg.trusted_proxies
         self.proxy_protocol_from = cfg.proxy_protocol_from
         self.auth = Htpasswd(dict(cfg.auth_users), cfg.auth_file) if cfg.auth_file else None

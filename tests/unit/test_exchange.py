@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kushi.accesslog import AccessRecord
-from kushi.config import EVERYONE, Config, Listener, Timeouts
+from kushi.config import EVERYONE, Config, Listener, Timeouts, parse_backends
 from kushi.connector import Upstream
 from kushi.errors import ConnectionRefused, ConnectionTimeout
 from kushi.exchange import (
@@ -95,6 +95,7 @@ class Book:
         timeouts = options.pop("timeouts", Timeouts())
         if mode == "reverse":
             options.setdefault("backend", ("http://[2001:db8::80]", "http://[2001:db8::81]"))
+            options["backend_addresses"] = parse_backends("t", "reverse", options["backend"])
         self.cfg = Listener(
             name="t",
             mode=mode,  # type: ignore[arg-type]
