@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 import uuid
@@ -38,6 +37,7 @@ from support.chromium import chromium, needs_chromium
 from support.kushi_proc import Kushi, write_toml
 from support.netns import StandardTopology
 from support.origin import ONE_K, OriginProcess, spawn_origin
+from support.udpecho import UdpEcho
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -47,28 +47,6 @@ ADMIN_PORT = 9128
 UDP_PORT = 7777
 CONNECT_TIMEOUT = 2.0
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-
-
-class UdpEcho:
-    """A UDP echo server inside a namespace that logs every datagram it gets."""
-
-    def __init__(self, host: netns.Host, address: str, port: int) -> None:
-        self.sock = host.new_socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        self.sock.bind((address, port))
-        self.seen: list[tuple[bytes, str]] = []
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except OSError:
-                return
-            self.seen.append((data, peer[0]))
-            self.sock.sendto(b"echo:" + data, peer)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass

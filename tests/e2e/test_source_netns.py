@@ -34,7 +34,6 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from support import netns
 from support.kushi_proc import KUSHI, Kushi, write_toml
 from support.netns import Topology
 from support.origin import ONE_K, OriginProcess, spawn_origin
+from support.udpecho import UdpEcho
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.netns]
 
@@ -97,28 +97,6 @@ class SourceTopology(Topology):
         # What the README tells a hosting customer to do with a routed /64.
         self.route(self.proxy, str(PREFIX), dev="lo", kind="local")
         self.wait_ready()
-
-
-class UdpEcho:
-    """A UDP echo server in the origin namespace that logs each datagram's source."""
-
-    def __init__(self, host: netns.Host, address: str, port: int) -> None:
-        self.sock = host.new_socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        self.sock.bind((address, port))
-        self.seen: list[tuple[bytes, str]] = []
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except OSError:
-                return
-            self.seen.append((data, peer[0]))
-            self.sock.sendto(b"echo:" + data, peer)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass
