@@ -130,6 +130,7 @@ class HttpSession:
         # The parked task's wake-up (None while it runs or waits for a slow command).
         self._waiter: asyncio.Future[None] | None = None
         self._driving = False  # (a callback during _drive: the loop there sees it)
+        self._scheduled = False  # (_drive_soon is due)
         # What has been reported to the exchange already.
         self._client_end = False
         self._client_closed = False
@@ -287,11 +288,20 @@ class HttpSession:
         return False
 
     def _wake(self) -> None:
-        """A connection's callback (bytes, end, loss, writing resumed) or the timer: the
-        exchange is driven here, in the callback, while the task is parked (no task
-        switch or future per read); otherwise the task is running and sees it itself."""
+        """A connection's callback (bytes, end, loss, writing resumed) or the timer: while
+        the task is parked the exchange is driven from the event loop (``_drive_soon``,
+        once for however many callbacks came first: a burst of reads is handed on in one
+        piece), with no task switch or future per read; while the task runs it sees it
+        itself."""
+        if self._waiter is None or self._driving or self._scheduled:
+            return
+        self._scheduled = True
+        self.loop.call_soon(self._drive_soon)
+
+    def _drive_soon(self) -> None:
+        self._scheduled = False
         waiter = self._waiter
-        if waiter is None or self._driving or waiter.done():
+        if waiter is None or waiter.done():
             return
         try:
             self._drive()
