@@ -194,8 +194,9 @@ class HttpSession:
             self._drive()
             if self._done or self._slow:
                 continue
-            # Parked: from now on the connections' callbacks drive the exchange
-            # (``_wake``); the task is woken only for what waits, the end, or an error.
+            # Parked: from now on the connections' callbacks have the exchange driven
+            # from the event loop (``_wake``, ``_drive_soon``); the task is woken only for
+            # what waits, the end, or an error.
             self._waiter = waiter = self.loop.create_future()
             try:
                 await waiter
