@@ -123,10 +123,14 @@ class Upstream:
     #: The listener snapshot whose destination rules this connection last passed (a
     #: pooled connection is checked again only under another snapshot).
     allowed_under: object = None
+    _next_hop: str = field(default="", init=False, repr=False, compare=False)
 
     @property
     def next_hop(self) -> str:
-        return fmt_addr(self.address, self.port)
+        """``address:port`` as logs and Proxy-Status show it (formatted once)."""
+        if not self._next_hop:
+            self._next_hop = fmt_addr(self.address, self.port)
+        return self._next_hop
 
     @property
     def label(self) -> str:

@@ -891,26 +891,45 @@ class Exchange:
     def _upstream_data(self, data: bytes) -> None:
         self._up_received += len(data)
         if self._resp is None:
-            self._ubuf += data
-            self._response_head()
+            if self._ubuf:
+                self._ubuf += data
+                data = b""
+            self._response_head(data)
             if self._resp is None or self._resp_done or self.phase != "exchange":
                 return
             data = b""
         self._response_body(data)
 
-    def _response_head(self) -> None:
+    def _response_head(self, data: bytes = b"") -> None:
+        """The response head from ``_ubuf``, or from ``data`` when it is empty (the usual
+        case: the head, and often the whole body, in one read, parsed without a copy)."""
         req, record, upstream = self.req, self.record, self.upstream
         assert req is not None and record is not None and upstream is not None
         limits = self._state.config.limits
         ubuf = self._ubuf
+        tail = b""  # (the bytes after a head parsed from ``data``; ``ubuf`` is empty)
         while True:
-            end = http1.find_head_end(
-                ubuf, limits.max_request_line, limits.max_header_bytes, response=True
-            )
-            if end < 0:
-                return
-            head = bytes(ubuf[:end])
-            del ubuf[:end]
+            if data:
+                end = http1.find_head_end(
+                    data, limits.max_request_line, limits.max_header_bytes, response=True
+                )
+                if end < 0:
+                    ubuf += data
+                    return
+                head = data if end == len(data) else data[:end]
+                tail = data[end:]
+                data = b""
+            else:
+                if tail:
+                    ubuf += tail
+                    tail = b""
+                end = http1.find_head_end(
+                    ubuf, limits.max_request_line, limits.max_header_bytes, response=True
+                )
+                if end < 0:
+                    return
+                head = bytes(ubuf[:end])
+                del ubuf[:end]
             resp = http1.parse_response_head(head, req.method)
             if resp.status >= 200 or resp.status == 101:
                 break
@@ -926,6 +945,10 @@ class Exchange:
                 )
         self._cancel("upstream_header")
         self._resp = resp
+        n = resp.framing.length
+        if tail and not (resp.framing.kind == "length" and len(tail) >= n and resp.status != 101):
+            ubuf += tail  # (anything but a whole length-framed body goes on from ``ubuf``)
+            tail = b""
         record.status = resp.status
         ctype = resp.get(b"content-type")
         record.content_type = ctype.decode("latin-1").split(";")[0] if ctype else ""
@@ -982,9 +1005,19 @@ class Exchange:
             self._out.append(SendClient(out_head))
             self._response_done()
             return
-        if framing == "length" and len(ubuf) >= resp.framing.length:
+        if tail:
+            # The whole body came with the head (small responses): one write, one segment.
+            if len(tail) == n:
+                body = tail
+            else:
+                body = tail[:n]
+                ubuf += tail[n:]
+            self._out.append(SendClient(out_head + body))
+            record.bytes_out += n
+            self._response_done()
+            return
+        if framing == "length" and len(ubuf) >= n:
             # The whole body is already here (small responses): one write, one segment.
-            n = resp.framing.length
             body = bytes(ubuf[:n])
             del ubuf[:n]
             self._out.append(SendClient(out_head + body))

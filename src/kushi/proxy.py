@@ -127,7 +127,10 @@ class HttpSession:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._rearm = False
+        # The parked task's wake-up (None while it runs or waits for a slow command).
         self._waiter: asyncio.Future[None] | None = None
+        self._driving = False  # (a callback during _drive: the loop there sees it)
+        self._scheduled = False  # (_drive_soon is due)
         # What has been reported to the exchange already.
         self._client_end = False
         self._client_closed = False
@@ -169,6 +172,7 @@ class HttpSession:
             raise
         finally:
             self.client.on_wake = None
+            self.services.idle.discard(self)
             if self._timer is not None:
                 self._timer.cancel()
             if self.upstream is not None:
@@ -183,9 +187,60 @@ class HttpSession:
         self._apply(self.exchange.start())
         while not self._done:
             if self._slow:
+                # (The connections' callbacks leave the exchange alone meanwhile: what
+                # happens on them waits in their buffers and flags, as when parked.)
                 await self._execute_slow(self._slow.pop(0))
-            elif not self._pump():
-                await self._wait()
+                continue
+            self._drive()
+            if self._done or self._slow:
+                continue
+            # Parked: from now on the connections' callbacks have the exchange driven
+            # from the event loop (``_wake``, ``_drive_soon``); the task is woken only for
+            # what waits, the end, or an error.
+            self._waiter = waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _drive(self) -> None:
+        """Feed the exchange everything that happened, execute its commands, until
+        nothing more did (or something must be waited for); then arm the timer."""
+        self._driving = True
+        try:
+            deadlines = self._deadlines
+            if self._timer is None and deadlines:
+                self._fire_expired()
+            while not self._done and not self._slow and self._pump():
+                pass
+            if self._rearm and deadlines:
+                # (Lazy: a deadline later than the armed timer leaves it alone; the timer,
+                # when it fires, finds what has expired and is armed again for the rest.)
+                self._rearm = False
+                earliest = min(deadlines.values())
+                timer = self._timer
+                if timer is None or self._timer_at > earliest:
+                    if timer is not None:
+                        timer.cancel()
+                    self._timer = self.loop.call_at(earliest, self._on_timer)
+                    self._timer_at = earliest
+            if not self._done and self.exchange.idle:
+                self.services.idle.add(self)
+            else:
+                self.services.idle.discard(self)
+        finally:
+            self._driving = False
+
+    def _fire_expired(self) -> None:
+        deadlines = self._deadlines
+        self._rearm = True
+        now = self.loop.time()
+        for name, at in list(deadlines.items()):
+            if at <= now and deadlines.get(name) == at:
+                del deadlines[name]
+                self._apply(self.exchange.receive(TimerFired(name)))
+                if self._done:
+                    return
 
     def _pump(self) -> bool:
         """Feed the exchange the next thing that happened; False when nothing did.
@@ -234,46 +289,30 @@ class HttpSession:
         return False
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        """A connection's callback (bytes, end, loss, writing resumed) or the timer: while
+        the task is parked the exchange is driven from the event loop (``_drive_soon``,
+        once for however many callbacks came first: a burst of reads is handed on in one
+        piece), with no task switch or future per read; while the task runs it sees it
+        itself."""
+        if self._waiter is None or self._driving or self._scheduled:
+            return
+        self._scheduled = True
+        self.loop.call_soon(self._drive_soon)
 
-    async def _wait(self) -> None:
-        """Until either connection has news or a deadline passes."""
-        loop = self.loop
-        deadlines = self._deadlines
-        if self._rearm and deadlines:
-            # (Lazy: a deadline later than the armed timer leaves it alone; the timer,
-            # when it fires, finds what has expired and is armed again for the rest.)
-            self._rearm = False
-            earliest = min(deadlines.values())
-            timer = self._timer
-            if timer is None or self._timer_at > earliest:
-                if timer is not None:
-                    timer.cancel()
-                self._timer = loop.call_at(earliest, self._on_timer)
-                self._timer_at = earliest
-        idle = self.exchange.idle
-        if idle:
-            self.services.idle.add(self)
-        self._waiter = waiter = loop.create_future()
+    def _drive_soon(self) -> None:
+        self._scheduled = False
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
         try:
-            await waiter
-        finally:
+            self._drive()
+        except Exception as exc:  # (the task raises it, as if it had driven)
             self._waiter = None
-            if idle:
-                self.services.idle.discard(self)
-        if self._timer is None and deadlines:
-            self._rearm = True
-            now = loop.time()
-            for name, at in list(deadlines.items()):
-                if at <= now and deadlines.get(name) == at:
-                    del deadlines[name]
-                    self._apply(self.exchange.receive(TimerFired(name)))
-                    if self._done:
-                        return
+            waiter.set_exception(exc)
+            return
+        if self._done or self._slow:
+            self._waiter = None
+            waiter.set_result(None)
 
     def _on_timer(self) -> None:
         self._timer = None

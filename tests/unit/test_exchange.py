@@ -385,6 +385,31 @@ def test_100_continue_goes_to_the_client_then_the_body_flows() -> None:
     ]
 
 
+def test_interim_and_final_response_in_one_read_and_a_head_split_across_reads() -> None:
+    b = Book()
+    b << ClientData(get())
+    up = upstream()
+    b << UpstreamConnected(up, reused=False)
+    interim = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n" + VIA + b"Proxy-Status: kushi; "
+        b'next-hop="[2001:db8::80]:80"; received-status=103; details="ipv6"\r\n\r\n'
+    )
+    cmds = b << UpstreamData(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n" + OK_BODY)
+    assert cmds[:3] == [SendClient(interim), CancelDeadline("upstream_header"), SendClient(OK_OUT)]
+    assert cmds[3] == ReleaseUpstream(up, b.key)
+    # The next response's head arrives in two pieces, its body with the second.
+    b << ClientData(get())
+    b << UpstreamConnected(up, reused=True)
+    assert b << UpstreamData(OK_BODY[:10]) == []
+    assert b << UpstreamData(OK_BODY[10:]) == [
+        CancelDeadline("upstream_header"),
+        SendClient(OK_OUT),
+        ReleaseUpstream(up, b.key),
+        logged(status=200),
+        ArmDeadline("idle", 60.0),
+    ]
+
+
 def test_pipelined_requests_are_answered_in_order() -> None:
     b = Book()
     assert b << ClientData(get("/1") + get("/2")) == [
