@@ -194,6 +194,15 @@ class ConnectionRefused(KushiError):
     error_type = "connection_refused"
 
 
+class ConnectionLost(KushiError):
+    """The peer closed or reset a connection while kushi was writing to it or waiting on
+    it. ``netio.Conn`` maps the operating system's connection errors to this one, at the
+    network boundary; nothing more can be sent on that connection."""
+
+    status = 502
+    error_type = "connection_terminated"
+
+
 class ConnectionTimeout(KushiError):
     status = 504
     error_type = "connection_timeout"

@@ -27,6 +27,8 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from kushi.errors import ConnectionLost
+
 READ_SIZE = 256 * 1024
 #: Write buffer high-water mark: ``drain`` waits while more than this is queued.
 HIGH_WATER = 1024 * 1024
@@ -130,7 +132,7 @@ class Conn(asyncio.Protocol):
             self._timer = None
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("connection lost"))
+            waiter.set_exception(ConnectionLost("connection lost"))
             waiter.exception()  # retrieved here if nobody awaits it any more
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
@@ -278,7 +280,7 @@ class Conn(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._lost:
-            raise ConnectionResetError("connection lost")
+            raise ConnectionLost("connection lost")
         if not self.write_paused:
             return
         waiter = self.loop.create_future()
@@ -355,7 +357,8 @@ class Conn(asyncio.Protocol):
     async def accept_tls(self, context: ssl.SSLContext, deadline: float) -> None:
         """The server side of a TLS handshake, finished by ``deadline`` (event-loop time)
         or ``TimeoutError``; ``ssl.SSLError`` (after the alert is sent) or
-        ``ConnectionError`` when it fails. Bytes already received are the ClientHello's."""
+        ``errors.ConnectionLost`` when the client goes. Bytes already received are the
+        ClientHello's."""
         self._ssl = context.wrap_bio(self._ssl_in, self._ssl_out, server_side=True)
         self._handshaking = True
         if self.buf:
@@ -372,7 +375,7 @@ class Conn(asyncio.Protocol):
                 except ssl.SSLWantReadError:
                     self._flush_tls()
                 if self._lost or (self.at_eof and not self._ssl_in.pending):
-                    raise ConnectionResetError("the client closed the connection in the handshake")
+                    raise ConnectionLost("the client closed the connection in the handshake")
                 await self._wait_data(deadline)
         except ssl.SSLError:
             self._flush_tls()  # the alert, then the connection is closed by the caller

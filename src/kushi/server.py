@@ -40,6 +40,7 @@ from kushi.acl import client_address, client_key, in_networks
 from kushi.config import Address, Config, Listener, load_config
 from kushi.errors import (
     ConfigError,
+    ConnectionLost,
     KushiError,
     ProxyProtocolError,
     RequestDenied,
@@ -354,10 +355,10 @@ class Server:
             exc = TLSHandshakeTimeout(
                 f"no TLS handshake within timeouts.header_read ({timeout:g} s)"
             )
-        except OSError as err:  # (ssl.SSLError is one)
+        except (ssl.SSLError, ConnectionLost) as err:
             if not client.tls_bytes_in:
                 return None  # closed before its first byte: a health check or a port scan
-            reason = err.reason if isinstance(err, ssl.SSLError) else err.strerror
+            reason = err.reason if isinstance(err, ssl.SSLError) else err.details
             exc = TLSHandshakeError(f"TLS handshake failed: {reason or err}")
         finally:
             self.services.idle.discard(waiting)
@@ -448,7 +449,7 @@ class Server:
         if state.cfg.mode in ("forward", "reverse") and state.tls is None:
             # (TCP, SOCKS and TLS before the handshake: just closed)
             data = http1.render_error(exc, proxy_name=PROXY_NAME, close=True)
-            with contextlib.suppress(ConnectionError, OSError):
+            with contextlib.suppress(ConnectionLost):
                 client.write(data)
                 await client.drain()
             record.bytes_out = len(data)

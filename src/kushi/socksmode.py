@@ -36,6 +36,7 @@ from kushi.acl import client_address, client_key
 from kushi.connector import datagram_socket
 from kushi.errors import (
     AuthRateLimited,
+    ConnectionLost,
     KushiError,
     ProxyAuthRequired,
     RequestDenied,
@@ -63,10 +64,6 @@ from kushi.socks5 import (
 log = logging.getLogger("kushi.socks")
 #: Datagrams waiting for their destination to be resolved; more are dropped.
 UDP_QUEUE = 256
-
-
-class ClientGone(Exception):
-    """The client went away before kushi could answer it."""
 
 
 class SocksSession:
@@ -111,13 +108,10 @@ class SocksSession:
             else:
                 udp = UdpAssociation(self, request)
                 await udp.run()
+        except ConnectionLost:
+            record.error = record.error or "client_closed"
         except KushiError as exc:
             await self.fail(exc)
-        except ClientGone:
-            record.error = record.error or "client_closed"
-        except (ConnectionError, OSError) as exc:
-            record.error = record.error or "client_closed"
-            record.details = record.details or str(exc)
         finally:
             if udp is not None:
                 udp.close()
@@ -194,11 +188,9 @@ class SocksSession:
         return await auth.verify(creds.username, creds.password, client_key(self.info.address))
 
     async def send(self, data: bytes) -> None:
-        try:
-            self.client.write(data)
-            await self.client.drain()
-        except (ConnectionError, OSError):
-            raise ClientGone() from None
+        """Write to the client; ``ConnectionLost`` when it is gone."""
+        self.client.write(data)
+        await self.client.drain()
 
     async def fail(self, exc: KushiError) -> None:
         record = self.record
@@ -207,7 +199,7 @@ class SocksSession:
         record.details = exc.details
         record.attempts = record.attempts or list(exc.attempts)
         if self.may_reply and not self.client.closed:
-            with contextlib.suppress(ClientGone):
+            with contextlib.suppress(ConnectionLost):
                 await self.send(build_reply(reply_for(exc)))
         if isinstance(exc, SocksRequestError | ProxyAuthRequired | RequestTimeout):
             log.debug("SOCKS5 client %s: %s", self.info.address, exc.details)
@@ -226,7 +218,7 @@ class SocksSession:
         bound = upstream.conn.local
         try:
             await self.send(build_reply(Reply.SUCCEEDED, bound[0], bound[1]))
-        except ClientGone:
+        except ConnectionLost:
             upstream.conn.abort()
             raise
         record.status = 200
@@ -278,11 +270,14 @@ class UdpAssociation:
         client = session.client
         loop = client.loop
         local = client.local[0]
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Endpoint(self.from_client),
-            local_addr=(local, 0),
-            family=socket.AF_INET6 if ":" in local else socket.AF_INET,
-        )
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Endpoint(self.from_client),
+                local_addr=(local, 0),
+                family=socket.AF_INET6 if ":" in local else socket.AF_INET,
+            )
+        except OSError as exc:  # (out of descriptors or ports: answered 0x01)
+            raise KushiError(f"cannot open a UDP relay socket: {exc.strerror or exc}") from None
         self.relay = transport
         bound = transport.get_extra_info("sockname")
         await session.send(build_reply(Reply.SUCCEEDED, str(bound[0]), int(bound[1])))

@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from kushi.errors import ConnectionLost
 from kushi.netio import READ_SIZE, Conn
 
 #: Bytes a splice pipe holds (F_SETPIPE_SZ; the default is 64 KiB, unprivileged processes
@@ -127,7 +128,7 @@ async def _pump(src: Conn, dst: Conn, activity: list[float]) -> int:
             activity[0] = time.monotonic()
             dst.write(data)
             await dst.drain()
-    except (ConnectionError, OSError):
+    except ConnectionLost:
         src.abort()
         dst.abort()
     finally:

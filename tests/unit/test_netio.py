@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from kushi.errors import ConnectionLost, KushiError
 from kushi.netio import Conn
 
 
@@ -137,6 +138,46 @@ def test_tcp_connections_have_nodelay_without_kushi_setting_it() -> None:
         assert accepted
         for conn in (client, *accepted):
             await conn.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    _run(main)
+
+
+def test_a_peer_reset_is_connection_lost_for_a_blocked_and_a_later_drain() -> None:
+    """The OS's connection errors become kushi's ConnectionLost at this boundary: a drain
+    waiting on a full socket when the peer resets, and any drain after that."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: list[Conn] = []
+
+        def factory() -> Conn:
+            conn = Conn()
+            accepted.append(conn)
+            return conn
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        peer = socket.create_connection(("127.0.0.1", port))
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        while not accepted:
+            await asyncio.sleep(0.01)
+        conn = accepted[0]
+        while not conn.write_paused:  # the peer reads nothing: the buffers fill
+            conn.write(b"x" * 65536)
+            await asyncio.sleep(0)
+        blocked = asyncio.ensure_future(conn.drain())
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()  # linger 0: an RST
+        with pytest.raises(ConnectionLost) as caught:
+            await asyncio.wait_for(blocked, 5)
+        assert isinstance(caught.value, KushiError)
+        assert caught.value.error_type == "connection_terminated"
+        with pytest.raises(ConnectionLost):
+            await conn.drain()
         server.close()
         await server.wait_closed()
 
