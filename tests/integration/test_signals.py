@@ -7,6 +7,7 @@ is a raw socket on 127.0.0.1 kept open across the signal; the origin is bound to
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
 import subprocess
@@ -355,3 +356,48 @@ def test_a_client_that_leaves_mid_download_is_logged_aborted(
     (record,) = records
     assert (record["status"], record["aborted"], record["error"]) == (200, True, "client_closed")
     assert 1 << 20 < record["bytes_out"] < n // 2, record
+
+
+def _open_files(pid: int) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.append(os.readlink(fd))
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return out
+
+
+def test_many_reloads_leave_one_log_open_and_nothing_accumulates(
+    running: Running, origin: OriginProcess, tmp_path: Path
+) -> None:
+    """Each reload to a new access log: the old snapshot's log is closed once its last
+    request is logged, and the process's open files and threads stay where they were."""
+    pid = running.kushi.proc.pid
+    with Raw(running.port) as c:
+        assert c.get(origin.url("/1k"))[0] == 200
+    base_fds = len([f for f in _open_files(pid) if not f.startswith("socket:")])
+    base_threads = len(os.listdir(f"/proc/{pid}/task"))
+    logs = [tmp_path / f"access-{i}.log" for i in range(20)]
+    for i, log in enumerate(logs):
+        running.rewrite(access_log=str(log))
+        running.kushi.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while running.kushi.stderr.count("config reloaded") < i + 1:
+            assert time.monotonic() < deadline, running.kushi.stderr[-2000:]
+            time.sleep(0.02)
+        with Raw(running.port) as c:  # one request logged under each snapshot
+            assert c.get(origin.url(f"/1k?n={i}"))[0] == 200
+    deadline = time.monotonic() + 5
+    while not logs[-1].exists() or not logs[-1].read_text().strip():
+        assert time.monotonic() < deadline, "the last log got no record"
+        time.sleep(0.02)
+    for i, log in enumerate(logs):
+        assert f"n={i}" in log.read_text(), f"{log.name} lost its record"
+    files = _open_files(pid)
+    open_logs = [f for f in files if "/access-" in f]
+    assert open_logs == [str(logs[-1])]
+    # Sockets come and go with the connections; every other open file stays (+1: the
+    # log file that replaced the default, stdout).
+    assert len([f for f in files if not f.startswith("socket:")]) <= base_fds + 1
+    assert len(os.listdir(f"/proc/{pid}/task")) <= base_threads
