@@ -894,15 +894,16 @@ class Exchange:
             if self._ubuf:
                 self._ubuf += data
                 data = b""
-            self._response_head(data)
-            if self._resp is None or self._resp_done or self.phase != "exchange":
+            if not self._response_head(data) or self.phase != "exchange":
                 return
             data = b""
         self._response_body(data)
 
-    def _response_head(self, data: bytes = b"") -> None:
+    def _response_head(self, data: bytes = b"") -> bool:
         """The response head from ``_ubuf``, or from ``data`` when it is empty (the usual
-        case: the head, and often the whole body, in one read, parsed without a copy)."""
+        case: the head, and often the whole body, in one read, parsed without a copy).
+        True when a body follows it (``_response_body`` goes on); False when the head is
+        not all here yet, or the response is already done or became a tunnel."""
         req, record, upstream = self.req, self.record, self.upstream
         assert req is not None and record is not None and upstream is not None
         limits = self._state.config.limits
@@ -915,7 +916,7 @@ class Exchange:
                 )
                 if end < 0:
                     ubuf += data
-                    return
+                    return False
                 head = data if end == len(data) else data[:end]
                 tail = data[end:]
                 data = b""
@@ -927,7 +928,7 @@ class Exchange:
                     ubuf, limits.max_request_line, limits.max_header_bytes, response=True
                 )
                 if end < 0:
-                    return
+                    return False
                 head = bytes(ubuf[:end])
                 del ubuf[:end]
             resp = http1.parse_response_head(head, req.method)
@@ -968,7 +969,7 @@ class Exchange:
             ubuf.clear()
             record.bytes_out += len(pending)
             self._start_tunnel(upstream, record, pending)
-            return
+            return False
         if resp.status == 101:
             raise UpstreamError("upstream switched protocols without an upgrade request")
         client_11 = req.version == (1, 1)
@@ -1004,7 +1005,7 @@ class Exchange:
         if framing == "none":
             self._out.append(SendClient(out_head))
             self._response_done()
-            return
+            return False
         if tail:
             # The whole body came with the head (small responses): one write, one segment.
             if len(tail) == n:
@@ -1015,7 +1016,7 @@ class Exchange:
             self._out.append(SendClient(out_head + body))
             record.bytes_out += n
             self._response_done()
-            return
+            return False
         if framing == "length" and len(ubuf) >= n:
             # The whole body is already here (small responses): one write, one segment.
             body = bytes(ubuf[:n])
@@ -1023,10 +1024,11 @@ class Exchange:
             self._out.append(SendClient(out_head + body))
             record.bytes_out += n
             self._response_done()
-            return
+            return False
         self._out.append(SendClient(out_head))
         self._resp_reader = http1.body_reader(resp.framing, UpstreamError)
         self._arm("response_body_idle")
+        return True
 
     def _response_body(self, data: bytes) -> None:
         reader = self._resp_reader
