@@ -8,6 +8,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -311,6 +312,9 @@ def machine(env: Env) -> dict[str, str]:
         "python": platform.python_version(),
         "kushi": _first_line([str(KUSHI), "--version"]) if KUSHI.exists() else "not installed",
         "kushi_commit": git,
+        "kushi_build": _first_line(
+            [sys.executable, "-c", "from kushi.server import build_form; print(build_form())"]
+        ),
         "nginx": _first_line(["nginx", "-v"]),
         "squid": _first_line(["squid", "-v"]),
         "tinyproxy": _first_line(["tinyproxy", "-v"]),

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import functools
 import gc
+import importlib
 import logging
 import os
 import resource
@@ -574,6 +575,25 @@ def settle_garbage_collector() -> None:
     gc.freeze()
 
 
+#: The modules a wheel build compiles with mypyc (pyproject.toml's hooks.mypyc include).
+COMPILED_MODULES = ("http1", "routing", "exchange", "proxy", "forward", "accesslog")
+
+
+def build_form() -> str:
+    """``mypyc-compiled`` when the request path's modules are C extensions (a wheel
+    install), ``pure Python`` when they run from source (an editable install)."""
+    compiled = [
+        name
+        for name in COMPILED_MODULES
+        if not str(importlib.import_module(f"kushi.{name}").__file__).endswith(".py")
+    ]
+    if not compiled:
+        return "pure Python"
+    if len(compiled) == len(COMPILED_MODULES):
+        return "mypyc-compiled"
+    return f"mypyc-compiled in part ({', '.join(compiled)})"
+
+
 def install_event_loop() -> str:
     try:
         import uvloop
@@ -641,7 +661,12 @@ def serve(
         # Said once the signal handlers are in place, so "ready" means SIGTERM is graceful.
         for cfg in config.listeners:
             log.info("%s", describe_listener(cfg, sockets[cfg.name]))
-        log.info("kushi ready: %d worker(s), %s event loop", config.workers, loop_name)
+        log.info(
+            "kushi ready: %d worker(s), %s event loop, %s",
+            config.workers,
+            loop_name,
+            build_form(),
+        )
 
     if config.workers <= 1:
         return asyncio.run(
