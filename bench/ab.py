@@ -3,6 +3,11 @@
     git worktree add /tmp/before HEAD~1
     .venv/bin/python -m bench.ab before=/tmp/before/src after=src
     .venv/bin/python -m bench.ab --no-keepalive off=src on=src@admin.toml
+    .venv/bin/python -m bench.ab --auth plain=build/compiled auth=build/compiled@auth
+
+``--auth`` sends ``Proxy-Authorization`` (user ``bench``) on every request, and a variant
+whose TOML is the word ``auth`` gets an ``auth_file`` (bcrypt, cost 12) holding that user:
+an authenticated listener against the same listener without it (issue 14's target).
 
 Each VARIANT is NAME=SRC[@TOML]: SRC is a directory holding the ``kushi`` package (put on
 PYTHONPATH), TOML an optional file of extra config lines (admin_listen, access_log, ... ;
@@ -16,6 +21,7 @@ noise on a shared 2-core machine is a few µs, so a change smaller than that is 
 from __future__ import annotations
 
 import argparse
+import base64
 import statistics
 import subprocess
 import sys
@@ -46,7 +52,22 @@ def parse_variant(spec: str) -> Variant:
     src, _, toml = rest.partition("@")
     if not (Path(src) / "kushi").is_dir():
         raise argparse.ArgumentTypeError(f"{spec!r}: no kushi package in {src}")
+    if toml == "auth":
+        return Variant(name, Path(src).resolve(), f'auth_file = "{htpasswd()}"\n')
     return Variant(name, Path(src).resolve(), Path(toml).read_text() if toml else "")
+
+
+AUTH_USER, AUTH_PASSWORD = "bench", "bench-password"
+
+
+def htpasswd() -> Path:
+    import bcrypt
+
+    path = WORK / "ab-htpasswd"
+    WORK.mkdir(parents=True, exist_ok=True)
+    digest = bcrypt.hashpw(AUTH_PASSWORD.encode(), bcrypt.gensalt(12)).decode()
+    path.write_text(f"{AUTH_USER}:{digest}\n")
+    return path
 
 
 def start(v: Variant, env: Env) -> None:
@@ -71,10 +92,14 @@ def start(v: Variant, env: Env) -> None:
         time.sleep(0.1)
 
 
-def drive(url: str, proxy: str, seconds: int, keepalive: bool) -> int:
+def drive(url: str, proxy: str, seconds: int, keepalive: bool, auth: bool = False) -> int:
     """Requests completed in ``seconds`` through ``proxy``."""
     if keepalive:
-        return wrk(url, proxy, seconds)
+        headers = {}
+        if auth:
+            token = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+            headers["Proxy-Authorization"] = f"Basic {token}"
+        return wrk(url, proxy, seconds, headers)
     out = subprocess.run(
         ["ab", "-q", "-c", "50", "-t", str(seconds), "-n", "10000000", "-X", proxy[7:], url],
         capture_output=True,
@@ -93,6 +118,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--no-keepalive", action="store_true", help="ab -c 50 instead of wrk")
+    parser.add_argument(
+        "--auth", action="store_true", help="send Proxy-Authorization (kept-alive runs only)"
+    )
     args = parser.parse_args()
     env = Env(work=WORK, www=WORK / "www")
     variants: list[Variant] = args.variants
@@ -108,9 +136,9 @@ def main() -> int:
                 assert v.proc is not None
                 proxy = f"http://127.0.0.1:{v.port}"
                 if r == 0:
-                    drive(url, proxy, 1, not args.no_keepalive)  # warm-up
+                    drive(url, proxy, 1, not args.no_keepalive, args.auth)  # warm-up
                 user0, sys0 = cpu_seconds(v.proc.pid)
-                n = drive(url, proxy, args.seconds, not args.no_keepalive)
+                n = drive(url, proxy, args.seconds, not args.no_keepalive, args.auth)
                 user1, sys1 = cpu_seconds(v.proc.pid)
                 v.samples.append(
                     ((user1 - user0) / n * 1e6, (sys1 - sys0) / n * 1e6, n / args.seconds)

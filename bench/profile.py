@@ -49,9 +49,11 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def wrk(url: str, proxy: str, seconds: int) -> int:
+def wrk(url: str, proxy: str, seconds: int, headers: dict[str, str] | None = None) -> int:
     script = WORK / "profile.lua"
-    script.write_text(f'wrk.path = "{url}"\n')
+    lines = [f'wrk.path = "{url}"']
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items()]
+    script.write_text("\n".join(lines) + "\n")
     out = subprocess.run(
         ["wrk", "-t1", "-c20", f"-d{seconds}s", "-s", str(script), proxy],
         capture_output=True,
