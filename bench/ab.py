@@ -122,6 +122,8 @@ def main() -> int:
         "--auth", action="store_true", help="send Proxy-Authorization (kept-alive runs only)"
     )
     args = parser.parse_args()
+    if args.auth and args.no_keepalive:
+        parser.error("--auth drives wrk (kept-alive); ab cannot send Proxy-Authorization")
     env = Env(work=WORK, www=WORK / "www")
     variants: list[Variant] = args.variants
     try:

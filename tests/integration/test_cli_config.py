@@ -8,6 +8,7 @@ listeners, egress policy and allow list.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import time
@@ -227,6 +228,21 @@ def test_startup_line_states_listeners_egress_and_allow_list(
     assert "; allow 127.0.0.1/32, 2001:db8::/32;" in line
     assert "CONNECT ports 443,563" in line
     assert proc.proc.poll() is None
+    assert proc.stop() == 0
+
+
+def test_ready_line_says_which_form_runs(tmp_path: Path, started: list[Kushi]) -> None:
+    """``make test``'s compiled pass (KUSHI_COMPILED=1) starts the compiled wheel, the
+    other the source; the running process says which it is."""
+    port = free_port()
+    proc = start(started, ["serve", "--listen", f"127.0.0.1:{port}"], tmp_path, port)
+    form = "mypyc-compiled" if os.environ.get("KUSHI_COMPILED") == "1" else "pure Python"
+    deadline = time.monotonic() + 10
+    while "kushi ready" not in proc.stderr:
+        assert time.monotonic() < deadline, proc.stderr[-2000:]
+        time.sleep(0.05)
+    (ready,) = [line for line in proc.stderr.splitlines() if "kushi ready" in line]
+    assert ready.endswith(f"kushi ready: 1 worker(s), uvloop event loop, {form}"), ready
     assert proc.stop() == 0
 
 
