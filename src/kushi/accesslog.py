@@ -54,6 +54,61 @@ class AccessRecord:
     #: A tunnel whose bytes splice(2) moved socket to socket in the kernel (``splice``).
     spliced: bool = False
 
+    def __init__(
+        self,
+        time: float,
+        listener: str,
+        mode: str,
+        client: str,
+        *,
+        method: str = "-",
+        target: str = "-",
+        status: int = 0,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        duration: float = 0.0,
+        upstream: str = "",
+        family: str = "",
+        error: str = "",
+        details: str = "",
+        content_type: str = "",
+        attempts: list[str] | None = None,
+        notes: list[str] | None = None,
+        user: str = "",
+        source: str = "",
+        connect_ms: float = 0.0,
+        datagrams_in: int = 0,
+        datagrams_out: int = 0,
+        aborted: bool = False,
+        tls: str = "",
+        spliced: bool = False,
+    ) -> None:
+        self.time = time
+        self.listener = listener
+        self.mode = mode
+        self.client = client
+        self.method = method
+        self.target = target
+        self.status = status
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.duration = duration
+        self.upstream = upstream
+        self.family = family
+        self.error = error
+        self.details = details
+        self.content_type = content_type
+        self.attempts = [] if attempts is None else attempts
+        self.notes = [] if notes is None else notes
+        self.user = user
+        self.source = source
+        self.connect_ms = connect_ms
+        self.datagrams_in = datagrams_in
+        self.datagrams_out = datagrams_out
+        self.aborted = aborted
+        self.tls = tls
+        self.spliced = spliced
+
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: three times slower than this.)
         data = {name: getattr(self, name) for name in _FIELDS}

@@ -7,8 +7,8 @@ bcrypt is slow by design, so it must not be a way to stall the proxy:
 
 * it runs in a small executor of its own (``BCRYPT_THREADS`` threads; bcrypt releases the
   GIL), never on the event loop, and at most ``MAX_PENDING`` checks wait at once;
-* a credential that verified is remembered for ``CACHE_SECONDS``, keyed by an HMAC under a
-  per-process random key (never the password or the header itself);
+* a credential that verified is remembered for ``CACHE_SECONDS``, keyed by a MAC (keyed
+  BLAKE2b) under a per-process random key (never the password or the header itself);
 * failed attempts are counted per client (an IPv6 /64 is one client): after
   ``FAILURES_ALLOWED`` within ``FAILURE_WINDOW`` seconds the client gets 429 at once,
   without a bcrypt check, until the window has passed;
@@ -24,7 +24,6 @@ import base64
 import binascii
 import concurrent.futures
 import hashlib
-import hmac
 import secrets
 import time
 from collections.abc import Callable
@@ -127,8 +126,11 @@ class Htpasswd:
         and HTTP Basic share this check, its cache and its rate limit.
 
         bcrypt runs off the event loop; verified credentials are remembered for
-        ``CACHE_SECONDS`` under an HMAC with a per-process key (never the password)."""
-        mac = hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()
+        ``CACHE_SECONDS`` under a MAC (keyed BLAKE2b) with a per-process key, never the
+        password."""
+        # (BLAKE2b in its keyed mode is a MAC, RFC 7693, and costs a fifth of HMAC-SHA-256
+        # through OpenSSL 3, which looks the digest up again on every call.)
+        mac = hashlib.blake2b(user.encode() + b"\0" + password, key=self._key).digest()
         now = self.clock()
         hit = self._verified.get(mac)
         if hit is not None and hit[0] > now:

@@ -88,11 +88,20 @@ DeadlineName = Literal[
 
 
 # --- events (what happened) --------------------------------------------------------------
+#
+# Events and commands are dataclasses (equality and repr for the playbook tests). Those
+# made for every request have an ``__init__`` of their own and are not frozen: the
+# ``__init__`` a dataclass generates stays interpreted in the mypyc-compiled form, and a
+# frozen one sets each field through ``object.__setattr__``; a written one is compiled.
+# Nothing changes an event or a command once it is made.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientData:
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +124,14 @@ class ClientResumed:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamConnected:
     upstream: Upstream
     reused: bool
+
+    def __init__(self, upstream: Upstream, reused: bool) -> None:
+        self.upstream = upstream
+        self.reused = reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +139,12 @@ class UpstreamFailed:
     error: KushiError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamData:
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +172,14 @@ class TimerFired:
     name: DeadlineName
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthChecked:
     user: str | None
     error: KushiError | None = None
+
+    def __init__(self, user: str | None, error: KushiError | None = None) -> None:
+        self.user = user
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +216,7 @@ Event = (
 # --- commands (what the shell does) ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OpenUpstream:
     """Take a pooled connection under ``route.pool_key``, or connect; answer with
     ``UpstreamConnected`` or ``UpstreamFailed``. ``preamble`` is written first on a new
@@ -208,6 +228,14 @@ class OpenUpstream:
     #: ``route.pool_key``).
     egress: EgressChoice
     preamble: bytes = b""
+
+    def __init__(
+        self, state: ListenerState, route: Route, egress: EgressChoice, preamble: bytes = b""
+    ) -> None:
+        self.state = state
+        self.route = route
+        self.egress = egress
+        self.preamble = preamble
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,28 +249,42 @@ class OpenTunnel:
     record: AccessRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendClient:
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class SendUpstream:
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class ReleaseUpstream:
     """Back to the pool, under ``key``: it may carry the next request for that target."""
 
     upstream: Upstream
     key: tuple[object, ...]
 
+    def __init__(self, upstream: Upstream, key: tuple[object, ...]) -> None:
+        self.upstream = upstream
+        self.key = key
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class CloseUpstream:
     upstream: Upstream
     abort: bool = False
+
+    def __init__(self, upstream: Upstream, abort: bool = False) -> None:
+        self.upstream = upstream
+        self.abort = abort
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,13 +300,18 @@ class CancelDeadline:
     name: DeadlineName
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckAuth:
     """Check ``header`` against the snapshot's password file; answer ``AuthChecked``."""
 
     state: ListenerState
     header: bytes | None
     client: str
+
+    def __init__(self, state: ListenerState, header: bytes | None, client: str) -> None:
+        self.state = state
+        self.header = header
+        self.client = client
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +326,7 @@ class StartTunnel:
     to_client: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteLog:
     """The request is done: log ``record`` under the snapshot it started with (and let go
     of that snapshot)."""
@@ -289,14 +336,23 @@ class WriteLog:
     #: Client bytes received but not part of this request (the next one's, pipelined).
     unused: int = 0
 
+    def __init__(self, state: ListenerState, record: AccessRecord, unused: int = 0) -> None:
+        self.state = state
+        self.record = record
+        self.unused = unused
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class CloseClient:
     """The connection is done: ``eof`` half-closes first (an error answer was the last
     word), ``abort`` resets it (a response was cut short); else it is simply closed."""
 
     eof: bool = False
     abort: bool = False
+
+    def __init__(self, eof: bool = False, abort: bool = False) -> None:
+        self.eof = eof
+        self.abort = abort
 
 
 Command = (
@@ -347,6 +403,7 @@ class Exchange:
         self.clock = clock
         self.stopping = stopping
         self.client_ip = client_address(client.address)
+        self._client_key = ""  # (acl.client_key, for the password check: made once)
         #: Client bytes received and not yet used (a partial head, pipelined requests).
         self.buffer = bytearray()
         self.phase: Phase = "head"
@@ -699,9 +756,9 @@ class Exchange:
             self._route_request(req, state)
             return
         self.phase = "auth"
-        self._out.append(
-            CheckAuth(state, req.get(b"proxy-authorization"), client_key(self.client.address))
-        )
+        if not self._client_key:
+            self._client_key = client_key(self.client.address)
+        self._out.append(CheckAuth(state, req.get(b"proxy-authorization"), self._client_key))
 
     def _auth_checked(self, user: str | None, error: KushiError | None) -> None:
         if self.phase != "auth" or self.req is None:

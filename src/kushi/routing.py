@@ -80,6 +80,22 @@ class Route:
     pool_key: tuple[object, ...]
     private: bool = False
 
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        host_header: bytes,
+        path: bytes,
+        pool_key: tuple[object, ...],
+        private: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.host_header = host_header
+        self.path = path
+        self.pool_key = pool_key
+        self.private = private
+
 
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
