@@ -43,6 +43,7 @@ from kushi import forward, http1, reverse
 from kushi.accesslog import AccessRecord
 from kushi.acl import client_address, client_key
 from kushi.backends import FailOver, proxy_header
+from kushi.config import Timeouts
 from kushi.connector import Upstream, describe_fallbacks
 from kushi.errors import (
     ClientNotAllowed,
@@ -419,26 +420,6 @@ class Exchange:
         self._pipelined = False
         self._arms: dict[DeadlineName, ArmDeadline] = {}
         self._arms_for: ListenerState | None = None
-        #: How each event is taken in.
-        self._on: dict[type, Callable[[Any], None]] = {
-            ClientData: self._on_client_data,
-            UpstreamData: self._on_upstream_data,
-            TimerFired: self._on_timer,
-            UpstreamConnected: self._on_connected,
-            UpstreamFailed: self._on_failed,
-            AuthChecked: self._on_auth,
-            TunnelClosed: self._on_tunnel_closed,
-            ClientPaused: self._on_client_paused,
-            ClientResumed: self._on_client_resumed,
-            UpstreamPaused: self._on_upstream_paused,
-            UpstreamResumed: self._on_upstream_resumed,
-            UpstreamEnd: lambda _: self._upstream_end(),
-            UpstreamLost: lambda _: self._upstream_lost(),
-            ClientEnd: lambda _: self._client_end(),
-            ClientClosed: lambda _: self._client_closed(),
-            GraceExpired: lambda _: self._grace_expired(),
-        }
-
         # Per request, set where they are first needed (and read only after that):
         self._reused = False  # the upstream came from the pool
         self._upgrade = False  # the request's Upgrade was passed on
@@ -512,7 +493,7 @@ class Exchange:
             if self.phase == "closed":
                 self._after_close(event)
             else:
-                self._on[type(event)](event)
+                _ON_EVENT[type(event)](self, event)
         except KushiError as exc:
             self._fail(exc)
         except _ClientGone:
@@ -535,7 +516,7 @@ class Exchange:
             elif self.phase == "closed":
                 self._after_close(event)
             else:
-                self._on[type(event)](event)
+                _ON_EVENT[type(event)](self, event)
         except KushiError as exc:
             self._fail(exc)
         except _ClientGone:
@@ -609,17 +590,7 @@ class Exchange:
     def _arm(self, name: DeadlineName) -> None:
         """Arm ``name`` for the time the request's snapshot gives it (0: never)."""
         if self._arms_for is not self._state:
-            # (Commands are immutable: one set per snapshot, made when it is first used.)
-            t = self._state.config.timeouts
-            seconds: dict[DeadlineName, float] = {
-                "header_read": t.header_read,
-                "idle": t.idle,
-                "request_body_idle": t.request_body_idle,
-                "upstream_header": t.upstream_header,
-                "response_body_idle": t.response_body_idle,
-                "request_body_finish": BODY_FINISH_GRACE,
-            }
-            self._arms = {k: ArmDeadline(k, v) for k, v in seconds.items() if v}
+            self._arms = _arms(self._state.config.timeouts)
             self._arms_for = self._state
         cmd = self._arms.get(name)
         if cmd is not None:
@@ -1468,6 +1439,48 @@ class Exchange:
             self.record.aborted = True
         self._end_request()
         self._close_client(abort=True)
+
+
+#: Which method of an exchange takes which event (one table for every exchange).
+_ON_EVENT: dict[type, Callable[[Exchange, Any], None]] = {
+    ClientData: Exchange._on_client_data,
+    UpstreamData: Exchange._on_upstream_data,
+    TimerFired: Exchange._on_timer,
+    UpstreamConnected: Exchange._on_connected,
+    UpstreamFailed: Exchange._on_failed,
+    AuthChecked: Exchange._on_auth,
+    TunnelClosed: Exchange._on_tunnel_closed,
+    ClientPaused: Exchange._on_client_paused,
+    ClientResumed: Exchange._on_client_resumed,
+    UpstreamPaused: Exchange._on_upstream_paused,
+    UpstreamResumed: Exchange._on_upstream_resumed,
+    UpstreamEnd: lambda x, _: x._upstream_end(),
+    UpstreamLost: lambda x, _: x._upstream_lost(),
+    ClientEnd: lambda x, _: x._client_end(),
+    ClientClosed: lambda x, _: x._client_closed(),
+    GraceExpired: lambda x, _: x._grace_expired(),
+}
+
+#: The deadline commands for each set of timeouts (commands are not changed once made,
+#: so every exchange under one snapshot's timeouts shares them; a reload adds a set).
+_ARMS: dict[Timeouts, dict[DeadlineName, ArmDeadline]] = {}
+
+
+def _arms(t: Timeouts) -> dict[DeadlineName, ArmDeadline]:
+    arms = _ARMS.get(t)
+    if arms is None:
+        if len(_ARMS) >= 16:
+            _ARMS.clear()
+        seconds: dict[DeadlineName, float] = {
+            "header_read": t.header_read,
+            "idle": t.idle,
+            "request_body_idle": t.request_body_idle,
+            "upstream_header": t.upstream_header,
+            "response_body_idle": t.response_body_idle,
+            "request_body_finish": BODY_FINISH_GRACE,
+        }
+        arms = _ARMS[t] = {k: ArmDeadline(k, v) for k, v in seconds.items() if v}
+    return arms
 
 
 SELF_PAGE = """kushi: an HTTP proxy that bridges IPv4 and IPv6 ({pseudonym})

@@ -141,21 +141,6 @@ class HttpSession:
         # The client's byte counters when the current request began (for its record).
         self._consumed_mark = 0
         self._sent_mark = 0
-        #: How each command is executed.
-        self._run_command: dict[type, Callable[[Any], None]] = {
-            SendClient: self._send_client,
-            SendUpstream: self._send_upstream,
-            ArmDeadline: self._arm_deadline,
-            CancelDeadline: self._cancel_deadline,
-            WriteLog: self._write_log,
-            ReleaseUpstream: self._release_upstream,
-            CloseUpstream: self._close_upstream,
-            CloseClient: self._close_client,
-            OpenUpstream: self._open_upstream,
-            OpenTunnel: self._later,
-            CheckAuth: self._later,
-            StartTunnel: self._later,
-        }
 
     def __repr__(self) -> str:
         return f"<HttpSession #{self.serial} {self.client!r}>"
@@ -328,10 +313,10 @@ class HttpSession:
     # --- executing commands --------------------------------------------------------------
 
     def _apply(self, commands: list[Command]) -> None:
-        run = self._run_command
+        run = _RUN_COMMAND
         while True:
             for cmd in commands:
-                run[type(cmd)](cmd)
+                run[type(cmd)](self, cmd)
             # A command answered at once (a pooled upstream): its answer, after the batch.
             event = self._ready
             if event is None:
@@ -490,3 +475,20 @@ class HttpSession:
             self.client.write(cmd.to_client)
         _up, down = await self.services.relay(self.client, upstream.conn, cmd.record)
         self._apply(self.exchange.receive(TunnelClosed(_up, down)))
+
+
+#: How each command is executed (one table for every session).
+_RUN_COMMAND: dict[type, Callable[[HttpSession, Any], None]] = {
+    SendClient: HttpSession._send_client,
+    SendUpstream: HttpSession._send_upstream,
+    ArmDeadline: HttpSession._arm_deadline,
+    CancelDeadline: HttpSession._cancel_deadline,
+    WriteLog: HttpSession._write_log,
+    ReleaseUpstream: HttpSession._release_upstream,
+    CloseUpstream: HttpSession._close_upstream,
+    CloseClient: HttpSession._close_client,
+    OpenUpstream: HttpSession._open_upstream,
+    OpenTunnel: HttpSession._later,
+    CheckAuth: HttpSession._later,
+    StartTunnel: HttpSession._later,
+}
