@@ -400,6 +400,7 @@ class _Splicer:
             self.epoll.close()
         for direction in self.directions:
             direction.close()
+        self.directions = []  # (each points back here: no cycle left for the collector)
         for fd in self.fds:
             os.close(fd)
         self.fds = []
