@@ -216,7 +216,7 @@ class Conn(asyncio.Protocol):
     async def fill(self, size: int = READ_SIZE, deadline: float | None = None) -> bool:
         """Wait for more bytes in ``buf``. False at end of stream (nothing more will come);
         ``TimeoutError`` if none came by ``deadline`` (event-loop time)."""
-        del size  # the transport decides how much arrives at once
+        _ = size  # (the transport decides how much arrives at once)
         before = len(self.buf)
         while len(self.buf) == before:
             if self.at_eof:
@@ -269,7 +269,10 @@ class Conn(asyncio.Protocol):
             view = memoryview(data)
             try:
                 while view:
-                    view = view[self._ssl.write(view) :]
+                    # (Not ``view[self._ssl.write(view):]``: mypyc 2.4 evaluates a call in
+                    # a bytearray's or memoryview's slice bound twice, writing it twice.)
+                    written = self._ssl.write(view)
+                    view = view[written:]
             except ssl.SSLError:
                 self.reset = True
                 self.transport.abort()

@@ -14,7 +14,7 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -77,7 +77,7 @@ class EgressChoice:
 
     policy: EgressPolicy
     source: Source | None
-    pool_tag: object
+    pool_tag: Hashable  # (a part of a pool key)
 
 
 #: Numbers every ListenerState built (start and each reload): part of the pool key, so a

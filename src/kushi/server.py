@@ -576,7 +576,17 @@ def settle_garbage_collector() -> None:
 
 
 #: The modules a wheel build compiles with mypyc (pyproject.toml's hooks.mypyc include).
-COMPILED_MODULES = ("http1", "routing", "exchange", "proxy", "forward", "accesslog")
+COMPILED_MODULES = (
+    "http1",
+    "routing",
+    "exchange",
+    "proxy",
+    "forward",
+    "accesslog",
+    "runtime",
+    "pool",
+    "netio",
+)
 
 
 def build_form() -> str:
