@@ -37,6 +37,9 @@ READ_HIGH = 1024 * 1024
 
 
 class Conn(asyncio.Protocol):
+    _ssl_in: ssl.MemoryBIO  # (set by accept_tls, read only once ``_ssl`` is set)
+    _ssl_out: ssl.MemoryBIO
+
     def __init__(self, on_connect: Callable[[Conn], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -53,10 +56,9 @@ class Conn(asyncio.Protocol):
         self._read_paused = False
         self._lost = False
         self._tls = False
-        # Server-side TLS (accept_tls): the TLS object and its two memory BIOs.
+        # Server-side TLS (accept_tls): the TLS object (its two memory BIOs are made there:
+        # a plain connection does not pay for them).
         self._ssl: ssl.SSLObject | None = None
-        self._ssl_in = ssl.MemoryBIO()
-        self._ssl_out = ssl.MemoryBIO()
         self._handshaking = False
         #: The TLS version of a connection accepted over TLS ("TLSv1.3"), else "".
         self.tls_version = ""
@@ -362,6 +364,8 @@ class Conn(asyncio.Protocol):
         or ``TimeoutError``; ``ssl.SSLError`` (after the alert is sent) or
         ``errors.ConnectionLost`` when the client goes. Bytes already received are the
         ClientHello's."""
+        self._ssl_in = ssl.MemoryBIO()
+        self._ssl_out = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._ssl_in, self._ssl_out, server_side=True)
         self._handshaking = True
         if self.buf:
