@@ -73,9 +73,20 @@ def py_spy() -> str:
     return exe
 
 
+def compiled() -> bool:
+    """kushi runs as the mypyc-compiled build here (``make bench-profile`` runs that)."""
+    from kushi.server import build_form
+
+    return build_form() == "mypyc-compiled"
+
+
 def spy(pid: int, url: str, proxy: str, seconds: int, out: Path, fmt: str) -> None:
-    """Sample kushi with py-spy (``fmt``: flamegraph or raw) while wrk runs."""
+    """Sample kushi with py-spy (``fmt``: flamegraph or raw) while wrk runs. Compiled
+    functions have no Python frames: py-spy then samples the native stacks too
+    (``--native``, at a lower rate, since each sample unwinds C frames)."""
     argv = [py_spy(), "record", "-r", "400", "-f", fmt, "-o", str(out)]
+    if compiled():
+        argv[2:4] = ["--native", "-r", "200"]
     rec = subprocess.Popen(
         [*argv, "-d", str(seconds), "-p", str(pid)],
         stdout=subprocess.DEVNULL,
@@ -90,13 +101,32 @@ def spy(pid: int, url: str, proxy: str, seconds: int, out: Path, fmt: str) -> No
 
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+#: A mypyc-compiled function's C name: ``CPyDef_exchange___Exchange____head_data`` is
+#: ``Exchange._head_data`` in kushi/exchange.py (``CPyPy_`` is its Python-facing wrapper).
+_COMPILED = re.compile(r"^CPy(?:Def|Py)_(?P<name>\w+)$")
+
+
+def kushi_frame(func: str, file: str) -> tuple[str, str] | None:
+    """(function, kushi file) for a frame of kushi's, Python or compiled; else None."""
+    if file.startswith("kushi/"):
+        return func, file
+    m = _COMPILED.match(func)
+    if m is None or "_mypyc" in func or "_mypyc_" in m["name"]:
+        return None
+    module, _, rest = m["name"].partition("___")
+    if not rest:
+        module, _, rest = m["name"].partition("__")
+    return rest.replace("___", ".") or module, f"kushi/{module}.py, compiled"
 
 
 def own_time(collapsed: Path, top: int = 15) -> list[str]:
-    """The samples' own (leaf) time by function and by file, and the inclusive time of
+    """The samples' own (leaf) time by function and by file, the time by the innermost
+    kushi function (what it calls in C and in the kernel included: with the compiled
+    build, the leaves are mostly CPython's and the kernel's), and the inclusive time of
     kushi's functions (each counted once per stack), as lines of text."""
     own: collections.Counter[str] = collections.Counter()
     files: collections.Counter[str] = collections.Counter()
+    nearest: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
     with open(collapsed) as fh:
@@ -110,7 +140,10 @@ def own_time(collapsed: Path, top: int = 15) -> list[str]:
             func, file = frames[-1]
             own[f"{func} ({file})"] += count
             files[file] += count
-            for name in {f"{f} ({p})" for f, p in frames if p.startswith("kushi/")}:
+            ours = [k for k in (kushi_frame(f, p) for f, p in frames) if k is not None]
+            if ours:
+                nearest[f"{ours[-1][0]} ({ours[-1][1]})"] += count
+            for name in {f"{f} ({p})" for f, p in ours}:
                 inclusive[name] += count
             total += count
     total = max(total, 1)
@@ -124,6 +157,7 @@ def own_time(collapsed: Path, top: int = 15) -> list[str]:
     return [
         *block(f"py-spy: {total} samples; own time by function:", own),
         *block("own time by file:", files),
+        *block("time by the innermost kushi function:", nearest),
         *block("inclusive time of kushi's functions:", inclusive),
     ]
 

@@ -50,6 +50,29 @@ LIMITS = {
     "failure_window_seconds": FAILURE_WINDOW,
 }
 
+
+class _Malformed:
+    """Basic credentials that do not decode: a failed attempt."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _basic(header: bytes) -> tuple[str, bytes] | _Malformed | None:
+    """(user, password) from a ``Basic`` credentials header; None for another scheme."""
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return _MALFORMED
+    user_b, sep, password = decoded.partition(b":")
+    if not sep:
+        return _MALFORMED
+    return user_b.decode("utf-8", "replace"), password
+
+
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -96,30 +119,37 @@ class Htpasswd:
     def load(cls, path: str, key: str = "auth_file") -> Htpasswd:
         return cls(dict(read_htpasswd(path, key)), path)
 
+    def remembered(self, header: bytes | None) -> str | None:
+        """The user name when ``header`` holds credentials verified within the last
+        ``CACHE_SECONDS``, else None (then ``check`` decides). Synchronous: a request with
+        remembered credentials is answered without waiting for anything."""
+        parsed = _basic(header) if header else None
+        if parsed is None or isinstance(parsed, _Malformed):
+            return None
+        hit = self._verified.get(self._mac(parsed[0], parsed[1]))
+        if hit is not None and hit[0] > self.clock():
+            return hit[1]
+        return None
+
     async def check(self, header: bytes | None, client: str = "") -> str | None:
         """The user name if ``header`` holds valid Basic credentials, else None.
 
         Raises ``AuthRateLimited`` when ``client`` (a ``acl.client_key``) has failed too
         often lately, or when too many checks are waiting already."""
-        if not header:
+        parsed = _basic(header) if header else None
+        if parsed is None:
             return None
-        scheme, _, token = header.strip().partition(b" ")
-        if scheme.lower() != b"basic":
-            return None
-        try:
-            decoded = base64.b64decode(token.strip(), validate=True)
-        except (binascii.Error, ValueError):
+        if isinstance(parsed, _Malformed):
             now = self.clock()
             self._check_rate(client, now)
             self._failed(client, now)
             return None
-        user_b, sep, password = decoded.partition(b":")
-        if not sep:
-            now = self.clock()
-            self._check_rate(client, now)
-            self._failed(client, now)
-            return None
-        return await self.verify(user_b.decode("utf-8", "replace"), password, client)
+        return await self.verify(parsed[0], parsed[1], client)
+
+    def _mac(self, user: str, password: bytes) -> bytes:
+        # (BLAKE2b in its keyed mode is a MAC, RFC 7693, and costs a fifth of HMAC-SHA-256
+        # through OpenSSL 3, which looks the digest up again on every call.)
+        return hashlib.blake2b(user.encode() + b"\0" + password, key=self._key).digest()
 
     async def verify(self, user: str, password: bytes, client: str = "") -> str | None:
         """``user`` if ``password`` is theirs, else None: SOCKS5's RFC 1929 sub-negotiation
@@ -128,9 +158,7 @@ class Htpasswd:
         bcrypt runs off the event loop; verified credentials are remembered for
         ``CACHE_SECONDS`` under a MAC (keyed BLAKE2b) with a per-process key, never the
         password."""
-        # (BLAKE2b in its keyed mode is a MAC, RFC 7693, and costs a fifth of HMAC-SHA-256
-        # through OpenSSL 3, which looks the digest up again on every call.)
-        mac = hashlib.blake2b(user.encode() + b"\0" + password, key=self._key).digest()
+        mac = self._mac(user, password)
         now = self.clock()
         hit = self._verified.get(mac)
         if hit is not None and hit[0] > now:

@@ -368,6 +368,14 @@ class HttpSession:
         else:
             self._slow.append(cmd)  # connect: after this batch
 
+    def _check_auth(self, cmd: CheckAuth) -> None:
+        auth = cmd.state.auth
+        user = auth.remembered(cmd.header) if auth is not None else None
+        if user is not None:
+            self._ready = AuthChecked(user)  # (remembered: no bcrypt, nothing to wait for)
+        else:
+            self._slow.append(cmd)  # checked by bcrypt: after this batch
+
     def _later(self, cmd: Command) -> None:
         """What must be waited for (a password check, a tunnel): after this batch."""
         self._slow.append(cmd)
@@ -489,6 +497,6 @@ _RUN_COMMAND: dict[type, Callable[[HttpSession, Any], None]] = {
     CloseClient: HttpSession._close_client,
     OpenUpstream: HttpSession._open_upstream,
     OpenTunnel: HttpSession._later,
-    CheckAuth: HttpSession._later,
+    CheckAuth: HttpSession._check_auth,
     StartTunnel: HttpSession._later,
 }

@@ -586,6 +586,8 @@ COMPILED_MODULES = (
     "runtime",
     "pool",
     "netio",
+    "auth",
+    "acl",
 )
 
 
