@@ -377,7 +377,7 @@ class HttpSession:
             self._slow.append(cmd)  # checked by bcrypt: after this batch
 
     def _later(self, cmd: Command) -> None:
-        """What must be waited for (a password check, a tunnel): after this batch."""
+        """What must be waited for (a tunnel's connect, the tunnel): after this batch."""
         self._slow.append(cmd)
 
     def _detach(self, upstream: Upstream) -> None:
