@@ -4,10 +4,13 @@
     .venv/bin/python -m bench.ab before=/tmp/before/src after=src
     .venv/bin/python -m bench.ab --no-keepalive off=src on=src@admin.toml
     .venv/bin/python -m bench.ab --auth plain=build/compiled auth=build/compiled@auth
+    .venv/bin/python -m bench.ab --reverse before=/tmp/before/src after=src
 
 ``--auth`` sends ``Proxy-Authorization`` (user ``bench``) on every request, and a variant
 whose TOML is the word ``auth`` gets an ``auth_file`` (bcrypt, cost 12) holding that user:
 an authenticated listener against the same listener without it (issue 14's target).
+``--reverse`` runs each variant as a reverse listener with the origin as its backend, and
+wrk sends it origin-form requests.
 
 Each VARIANT is NAME=SRC[@TOML]: SRC is a directory holding the ``kushi`` package (put on
 PYTHONPATH), TOML an optional file of extra config lines (admin_listen, access_log, ... ;
@@ -70,17 +73,22 @@ def htpasswd() -> Path:
     return path
 
 
-def start(v: Variant, env: Env) -> None:
+def start(v: Variant, env: Env, reverse: bool = False) -> None:
     v.port = free_port()
-    base = f'listen = ["127.0.0.1:{v.port}"]\nallow = ["127.0.0.0/8"]\n'
-    base += f'allow_destinations = ["::1/128 {env.origin_port}"]\n'
-    base += 'log_level = "warning"\nworkers = 1\n'
+    base = 'log_level = "warning"\nworkers = 1\n'
     if "admin_listen" not in v.extra:
         base += "admin_listen = []\n"
     if "access_log" not in v.extra:
         base += 'access_log = ""\n'
+    if reverse:
+        listener = f'[[listener]]\nmode = "reverse"\nlisten = ["127.0.0.1:{v.port}"]\n'
+        listener += f'backend = ["{env.origin_url}"]\n'
+        base = v.extra + "\n" + base + listener
+    else:
+        base = f'listen = ["127.0.0.1:{v.port}"]\nallow = ["127.0.0.0/8"]\n' + base
+        base += f'allow_destinations = ["::1/128 {env.origin_port}"]\n' + v.extra
     cfg = WORK / f"ab-{v.name}.toml"
-    cfg.write_text(base + v.extra)
+    cfg.write_text(base)
     v.proc = subprocess.Popen(
         [sys.executable, "-m", "kushi", "serve", "--config", str(cfg)],
         env=clean_env({"PYTHONPATH": str(v.src)}),
@@ -100,8 +108,11 @@ def drive(url: str, proxy: str, seconds: int, keepalive: bool, auth: bool = Fals
             token = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
             headers["Proxy-Authorization"] = f"Basic {token}"
         return wrk(url, proxy, seconds, headers)
+    argv = ["ab", "-q", "-c", "50", "-t", str(seconds), "-n", "10000000"]
+    # An origin-form URL (--reverse) goes to the listener itself; else through it (-X).
+    argv += [proxy + url] if url.startswith("/") else ["-X", proxy[7:], url]
     out = subprocess.run(
-        ["ab", "-q", "-c", "50", "-t", str(seconds), "-n", "10000000", "-X", proxy[7:], url],
+        argv,
         capture_output=True,
         text=True,
         check=True,
@@ -121,7 +132,12 @@ def main() -> int:
     parser.add_argument(
         "--auth", action="store_true", help="send Proxy-Authorization (kept-alive runs only)"
     )
+    parser.add_argument(
+        "--reverse", action="store_true", help="reverse listeners, origin-form requests"
+    )
     args = parser.parse_args()
+    if args.auth and args.reverse:
+        parser.error("--auth is about forward listeners (Proxy-Authorization)")
     if args.auth and args.no_keepalive:
         parser.error("--auth drives wrk (kept-alive); ab cannot send Proxy-Authorization")
     env = Env(work=WORK, www=WORK / "www")
@@ -131,8 +147,8 @@ def main() -> int:
         prepare_www(env.www, 1)
         start_origin(env)
         for v in variants:
-            start(v, env)
-        url = f"{env.origin_url}/1k"
+            start(v, env, args.reverse)
+        url = "/1k" if args.reverse else f"{env.origin_url}/1k"
         for r in range(args.rounds):
             for v in variants:
                 assert v.proc is not None

@@ -588,6 +588,8 @@ COMPILED_MODULES = (
     "netio",
     "auth",
     "acl",
+    "backends",
+    "reverse",
 )
 
 
