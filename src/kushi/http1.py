@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import functools
 import re
+import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal, NoReturn
 
 from kushi.errors import (
     CodingNotImplemented,
@@ -60,10 +61,6 @@ _STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7
 _FIELD_RE = re.compile(
     rb"([" + _TCHAR + rb"]+):[ \t]*((?:[\x21-\x7e\x80-\xff]+[ \t]+)*[\x21-\x7e\x80-\xff]+)?[ \t]*"
 )
-# The whole field section in one pass (the fast path; _parse_fields explains a failure).
-# OWS field-value OWS is exactly "any run of VCHAR, obs-text, SP and HTAB": the value is
-# that run with the surrounding whitespace stripped, so the check needs no backtracking.
-_FIELD_SECTION_RE = re.compile(rb"(?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _DIGITS_RE = re.compile(rb"[0-9]{1,18}")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?)")
 
@@ -74,6 +71,7 @@ _FRAMING_NAMES = (b"content-length", b"transfer-encoding")
 _UNDERSCORE = ord("_")
 _AT = ord("@")
 _LF = ord("\n")
+_COMMA = ord(",")
 
 # RFC 9110 section 7.6.1 and RFC 9112: fields that apply to one connection only.
 HOP_BY_HOP = frozenset(
@@ -277,6 +275,11 @@ def split_list(values: Iterable[bytes]) -> list[bytes]:
     """RFC 9110 section 5.6.1 list elements, lower-cased, empty elements dropped."""
     out = []
     for value in values:
+        if _COMMA not in value:  # one element (the usual case): no list to split into
+            item = value.strip(b" \t").lower()
+            if item:
+                out.append(item)
+            continue
         for item in value.split(b","):
             item = item.strip(b" \t").lower()
             if item:
@@ -349,34 +352,78 @@ INDEXED = frozenset(
 )
 
 
+#: The bytes a field value may hold (RFC 9110 section 5.5: VCHAR, obs-text, SP, HTAB).
+_FIELD_BYTES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+#: tchar (RFC 9110 section 5.6.2), the bytes of a field name.
+_TOKEN_BYTES: Final = b"!#$%&'*+-.^_`|~" + (string.digits + string.ascii_letters).encode()
+#: Field names already found valid, as sent, with their lower-case form: one dictionary
+#: look-up instead of a check and a ``lower()`` for each field. The first ``_NAMES_MAX``
+#: distinct spellings are kept; any other name is checked every time.
+_NAMES: Final[dict[bytes, bytes]] = {}
+_NAMES_MAX: Final = 512
+_SP: Final = 0x20
+_HTAB: Final = 0x09
+
+
 def _split_head(
     head: bytes, error: type[KushiError]
 ) -> tuple[bytes, list[Header], dict[bytes, list[bytes]]]:
     """The first line, the fields, and the values of the ``INDEXED`` fields by lower-case
-    name. One regex pass validates the whole field section; only a head that fails it is
-    taken apart line by line, to say exactly what is wrong."""
+    name. The field section is checked whole: no byte outside a field value's (but the CRLF
+    ending each line) and every name a token. A head that fails is taken apart line by
+    line, to say exactly what is wrong."""
     if not head.endswith(b"\r\n\r\n"):
         head += b"\r\n" if head.endswith(b"\r\n") else b"\r\n\r\n"
     first_end = head.find(b"\r\n")
     first = head[:first_end]
-    block = head[first_end + 2 : -2]
-    if _FIELD_SECTION_RE.fullmatch(block) is None:
-        _parse_fields(_split_lines(head, error)[1:], error)  # raises, naming the fault
-        raise error("malformed header section")  # pragma: no cover - the line above raises
+    block = head[first_end + 2 : -2]  # each field line with its CRLF
     headers: list[Header] = []
     wanted: dict[bytes, list[bytes]] = {}
-    if block:
-        for line in block[:-2].split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            value = value.strip(b" \t")
-            headers.append((name, value))
+    if not block:
+        return first, headers, wanted
+    lines = block[:-2].split(b"\r\n")
+    # Every byte outside _FIELD_BYTES is a CR or LF of the lines' CRLFs: no CTL, no bare
+    # CR or LF.
+    if len(block.translate(None, _FIELD_BYTES)) != 2 * len(lines):
+        _malformed_fields(head, error)
+    for line in lines:
+        colon = line.find(b":")
+        if colon <= 0:
+            _malformed_fields(head, error)
+        name = line[:colon]
+        lower = _NAMES.get(name)
+        if lower is None:
+            if name.translate(None, _TOKEN_BYTES):
+                _malformed_fields(head, error)
             lower = name.lower()
-            if lower in INDEXED:
-                if lower in wanted:
-                    wanted[lower].append(value)
-                else:
-                    wanted[lower] = [value]
+            if len(_NAMES) < _NAMES_MAX:
+                _NAMES[name] = lower
+        end = len(line)
+        # The usual "Name: value": one SP after the colon, no other whitespace around.
+        if (
+            end > colon + 2
+            and line[colon + 1] == _SP
+            and line[colon + 2] != _SP
+            and line[colon + 2] != _HTAB
+            and line[end - 1] != _SP
+            and line[end - 1] != _HTAB
+        ):
+            value = line[colon + 2 :]
+        else:
+            value = line[colon + 1 :].strip(b" \t")
+        headers.append((name, value))
+        if lower in INDEXED:
+            if lower in wanted:
+                wanted[lower].append(value)
+            else:
+                wanted[lower] = [value]
     return first, headers, wanted
+
+
+def _malformed_fields(head: bytes, error: type[KushiError]) -> NoReturn:
+    """Raise the error that names what is wrong with the field section of ``head``."""
+    _parse_fields(_split_lines(head, error)[1:], error)
+    raise error("malformed header section")  # pragma: no cover - the line above raises
 
 
 def _split_lines(head: bytes, error: type[KushiError]) -> list[bytes]:
@@ -464,6 +511,18 @@ def _transfer_coding_is_chunked(values: list[bytes]) -> bool:
     return transfer_codings(values) == [b"chunked"]
 
 
+_V10: Final = (1, 0)
+_V11: Final = (1, 1)
+_ZERO: Final = ord("0")
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+
+def _connection_tokens(wanted: dict[bytes, list[bytes]]) -> frozenset[bytes]:
+    """The options of a message's Connection fields (lower-cased)."""
+    values = wanted.get(b"connection")
+    return frozenset(split_list(values)) if values else _NO_TOKENS
+
+
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse a request head (request line and fields, ending CRLFCRLF optional).
 
@@ -475,7 +534,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     fast = _REQUEST_LINE_FAST_RE.fullmatch(first)
     if fast is not None:
         method, target, major, minor = fast.groups()
-        version = (int(major), int(minor))
+        version = _V11 if major == b"1" and minor == b"1" else (int(major), int(minor))
     else:
         m = _REQUEST_LINE_RE.fullmatch(first)
         if m is None:
@@ -491,10 +550,11 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise VersionNotSupported(f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1")
     if version[1] > 1:
         version = (1, 1)
-    for name, _value in headers:
-        if _UNDERSCORE in name and name.lower().replace(b"_", b"-") in _FRAMING_NAMES:
-            # Gateways that map "_" to "-" (CGI, WSGI) would read a second framing field.
-            raise RequestError(f"header field {_show(name)} looks like a framing field")
+    if _UNDERSCORE in head:
+        for name, _value in headers:
+            if _UNDERSCORE in name and name.lower().replace(b"_", b"-") in _FRAMING_NAMES:
+                # Gateways that map "_" to "-" (CGI, WSGI) would read a second framing field.
+                raise RequestError(f"header field {_show(name)} looks like a framing field")
     req = RequestHead(method, target, version, headers, index=wanted)
 
     # RFC 9112 section 3.2: a 1.1 request has exactly one Host field.
@@ -530,8 +590,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         length = _content_length(cl, RequestError, strict=True)
         req.framing = Framing("length", length) if length else NO_BODY
 
-    tokens = set(split_list(wanted.get(b"connection", ())))
-    req.connection = frozenset(tokens)
+    tokens = _connection_tokens(wanted)
+    req.connection = tokens
     if version == (1, 1):
         req.keep_alive = b"close" not in tokens
     else:
@@ -558,13 +618,14 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     reason = reason_or_none or b""
     if major != b"1":
         raise UpstreamError(f"upstream answered with HTTP/{int(major)}.{int(minor)}")
-    version = (1, min(int(minor), 1))
-    status = int(status_text)
+    version = _V10 if minor == b"0" else _V11
+    # Three ASCII digits (the status-line pattern), as a number.
+    status = status_text[0] * 100 + status_text[1] * 10 + status_text[2] - _ZERO * 111
     if status < 100:
         raise UpstreamError(f"invalid status code {status}")
     resp = ResponseHead(status, reason, version, headers, index=wanted)
-    tokens = set(split_list(wanted.get(b"connection", ())))
-    resp.connection = frozenset(tokens)
+    tokens = _connection_tokens(wanted)
+    resp.connection = tokens
     resp.keep_alive = (b"close" not in tokens) if version == (1, 1) else (b"keep-alive" in tokens)
 
     te = wanted.get(b"transfer-encoding")

@@ -5,14 +5,19 @@
   pieces so the deeper branches are reached too.
 * Round trip: a request head the parser accepts, serialised again the way kushi sends it
   upstream, parses to the same method, target, fields and framing.
+* The field section: a head is accepted exactly when its fields follow RFC 9112's
+  ``field-line`` grammar (a regex of it here is the reference), and each field comes out as
+  that grammar reads it, whether or not its name was seen before.
 * Chunked coding: ``encode_chunk``/``encode_last_chunk`` then ``ChunkedReader`` gives back
   the same data and trailers, however the bytes are split on the way.
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kushi import http1
@@ -141,6 +146,66 @@ def test_parse_response_head_raises_only_kushi_errors(data: bytes) -> None:
         http1.parse_response_head(data, b"GET")
     except KushiError as exc:
         assert isinstance(exc, UpstreamError)
+
+
+# --- the field section against RFC 9112's grammar -----------------------------------------
+
+# field-line = field-name ":" OWS field-value OWS; field-name = token; the value's bytes
+# are VCHAR, obs-text, SP and HTAB; every line ends in CRLF.
+REFERENCE_LINE = re.compile(
+    rb"([" + re.escape(TCHAR.encode()) + rb"]+):[ \t]*((?:[\x21-\x7e\x80-\xff]+[ \t]+)*"
+    rb"[\x21-\x7e\x80-\xff]+)?[ \t]*"
+)
+GOOD_NAME = [b"Host", b"x-Y", b"a", b"_", b"Content-Type"]
+GOOD_VALUE = [b"v/1", b"a", b" ", b"\t", b"\x80\xff", b":", b"(", b"\x7f"]
+BAD = [b"\x00", b"\x01", b"\x0b", b"\r", b"\n", b"\r\n ", b" ", b"(", b":", b"\x7f"]
+# Mostly well-formed field lines, each piece now and then one of the bad bytes or gaps.
+field_names = st.lists(st.sampled_from(GOOD_NAME * 12 + BAD), max_size=3).map(b"".join)
+field_values_raw = st.lists(st.sampled_from(GOOD_VALUE * 8 + BAD), max_size=5).map(b"".join)
+field_lines = st.tuples(field_names, st.sampled_from([b":"] * 19 + [b""]), field_values_raw)
+field_pieces = st.lists(field_lines.map(b"".join), max_size=5).map(
+    lambda lines: b"".join(line + b"\r\n" for line in lines)[:-2]
+)
+
+
+def reference_fields(block: bytes) -> list[Header] | None:
+    """The fields of ``block`` (field lines, each ending in CRLF) by the grammar, or None."""
+    if not block:
+        return []
+    if not block.endswith(b"\r\n"):
+        return None
+    fields = []
+    for line in block[:-2].split(b"\r\n"):
+        m = REFERENCE_LINE.fullmatch(line)
+        if m is None:
+            return None
+        fields.append((m.group(1), m.group(2) or b""))
+    return fields
+
+
+@SETTINGS
+@given(block=field_pieces)
+# The whitespace around a value that the usual "Name: value" reading must not keep:
+@example(block=b"a: v\t")
+@example(block=b"a:  v")
+@example(block=b"a: \tv")
+@example(block=b"a: v ")
+@example(block=b"a:")
+@example(block=b"a: ")
+@example(block=b"Host: x\r\nhOST:\tx")
+def test_field_section_is_read_as_rfc_9112_reads_it(block: bytes) -> None:
+    want = reference_fields(block + b"\r\n" if block else block)
+    head = b"HTTP/1.1 200 OK\r\n" + block + (b"\r\n\r\n" if block else b"\r\n")
+    for _seen_before in range(2):  # the second time, its names are known spellings
+        try:
+            got = http1.parse_response_head(head, b"HEAD")
+        except UpstreamError:
+            assert want is None, f"refused a valid field section {block!r}"
+            continue
+        assert want is not None, f"accepted an invalid field section {block!r}"
+        assert got.headers == want
+        for name in http1.INDEXED:  # the fields looked up by name, whatever their spelling
+            assert got.get_all(name) == [v for n, v in want if n.lower() == name]
 
 
 @SETTINGS
