@@ -358,9 +358,11 @@ _FIELD_BYTES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 _TOKEN_BYTES: Final = b"!#$%&'*+-.^_`|~" + (string.digits + string.ascii_letters).encode()
 #: Field names already found valid, as sent, with their lower-case form: one dictionary
 #: look-up instead of a check and a ``lower()`` for each field. The first ``_NAMES_MAX``
-#: distinct spellings are kept; any other name is checked every time.
+#: distinct spellings of at most ``_NAME_KEPT_LEN`` bytes are kept (so what clients send
+#: can hold at most 512 x 40 bytes here); any other name is checked every time.
 _NAMES: Final[dict[bytes, bytes]] = {}
 _NAMES_MAX: Final = 512
+_NAME_KEPT_LEN: Final = 40
 _SP: Final = 0x20
 _HTAB: Final = 0x09
 
@@ -396,7 +398,7 @@ def _split_head(
             if name.translate(None, _TOKEN_BYTES):
                 _malformed_fields(head, error)
             lower = name.lower()
-            if len(_NAMES) < _NAMES_MAX:
+            if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_KEPT_LEN:
                 _NAMES[name] = lower
         end = len(line)
         # The usual "Name: value": one SP after the colon, no other whitespace around.

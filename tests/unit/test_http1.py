@@ -1000,3 +1000,22 @@ def test_buffered_chunked_body_is_checked_before_forwarding() -> None:
             http1.check_buffered_body(chunked, bytearray(bad))
     # Content-Length bodies have nothing to check.
     http1.check_buffered_body(http1.Framing("length", 3), bytearray(b"zz\r\n"))
+
+
+def test_known_field_names_are_bounded_and_do_not_change_the_result() -> None:
+    """The table of field-name spellings already found valid holds at most 512 names of
+    at most 40 bytes: what clients send cannot grow it further, and a name left out of it
+    is still checked and lower-cased as before."""
+    http1._NAMES.clear()  # (a cache: emptying it changes nothing but what it holds)
+    long_name = b"X-" + b"L" * 200
+    req = http1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\n" + long_name + b": v\r\n\r\n")
+    assert req.headers[-1] == (long_name, b"v")
+    assert long_name not in http1._NAMES
+    for i in range(http1._NAMES_MAX + 100):
+        http1.parse_request_head(b"GET / HTTP/1.1\r\nHOST: a\r\nX-Name-%d: v\r\n\r\n" % i)
+    assert len(http1._NAMES) <= http1._NAMES_MAX
+    req = http1.parse_request_head(b"GET / HTTP/1.1\r\nhOsT: b\r\nX-Unkept-Name: v\r\n\r\n")
+    assert req.get(b"host") == b"b"
+    assert req.headers == [(b"hOsT", b"b"), (b"X-Unkept-Name", b"v")]
+    with pytest.raises(RequestError, match="invalid header field name"):
+        http1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: v\r\n\r\n")
