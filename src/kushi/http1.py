@@ -50,10 +50,6 @@ _TOKEN_RE = re.compile(rb"[" + _TCHAR + rb"]+")
 # The target may carry raw non-ASCII bytes (obs-text): servers in the wild accept UTF-8 paths.
 _REQUEST_LINE_RE = re.compile(rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) (\S+)")
 _VERSION_RE = re.compile(rb"HTTP/([0-9])\.([0-9])")
-# The common case in one match; a line that fails it is diagnosed with the two above.
-_REQUEST_LINE_FAST_RE = re.compile(
-    rb"([" + _TCHAR + rb"]+) ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])"
-)
 # RFC 9112 section 4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
 # (A bare "HTTP/1.1 200" without the SP is common enough to accept; "200OK" is not.)
 _STATUS_LINE_RE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
@@ -315,10 +311,13 @@ def find_head_end(
 
     Raises when the limits are already exceeded: the first line longer than ``max_line``
     (414, or 502 for a response) or the whole head longer than ``max_head`` (431)."""
-    end = buf.find(b"\r\n\r\n", 0, max_head + 4)
-    if end >= 0:
-        first = buf.find(b"\r\n", 0, end + 2)
-        if first > max_line:
+    # (No start and end arguments: find() parses them slowly. A head ending past
+    # ``max_head`` counts as not found within it.)
+    end = buf.find(b"\r\n\r\n")
+    if 0 <= end <= max_head:
+        # The first line ends at or before the head's end: only a long head can hold a
+        # long first line.
+        if end > max_line and buf.find(b"\r\n") > max_line:
             if response:
                 raise ResponseHeaderTooLarge(f"status line longer than {max_line} bytes")
             raise URITooLong(f"request line longer than {max_line} bytes")
@@ -352,8 +351,12 @@ INDEXED = frozenset(
 )
 
 
-#: The bytes a field value may hold (RFC 9110 section 5.5: VCHAR, obs-text, SP, HTAB).
-_FIELD_BYTES: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+#: Every byte a field value may not hold (RFC 9110 section 5.5: all but VCHAR, obs-text,
+#: SP and HTAB) maps to NUL, every other byte to itself: a translated field section holds a
+#: NUL only if it held a byte it may not.
+_CTL_TO_NUL: Final = bytes(
+    0 if (byte < 0x20 and byte != 0x09) or byte == 0x7F else byte for byte in range(256)
+)
 #: tchar (RFC 9110 section 5.6.2), the bytes of a field name.
 _TOKEN_BYTES: Final = b"!#$%&'*+-.^_`|~" + (string.digits + string.ascii_letters).encode()
 #: Field names already found valid, as sent, with their lower-case form: one dictionary
@@ -371,47 +374,47 @@ def _split_head(
     head: bytes, error: type[KushiError]
 ) -> tuple[bytes, list[Header], dict[bytes, list[bytes]]]:
     """The first line, the fields, and the values of the ``INDEXED`` fields by lower-case
-    name. The field section is checked whole: no byte outside a field value's (but the CRLF
-    ending each line) and every name a token. A head that fails is taken apart line by
-    line, to say exactly what is wrong."""
+    name. The field section is checked whole: once split at its CRLFs, no byte outside a
+    field value's, and every name a token. A head that fails is taken apart line by line,
+    to say exactly what is wrong."""
     if not head.endswith(b"\r\n\r\n"):
         head += b"\r\n" if head.endswith(b"\r\n") else b"\r\n\r\n"
-    first_end = head.find(b"\r\n")
-    first = head[:first_end]
-    block = head[first_end + 2 : -2]  # each field line with its CRLF
+    first, _, rest = head.partition(b"\r\n")
     headers: list[Header] = []
     wanted: dict[bytes, list[bytes]] = {}
-    if not block:
+    if len(rest) == 2:  # (only the CRLF ending the head)
         return first, headers, wanted
-    lines = block[:-2].split(b"\r\n")
-    # Every byte outside _FIELD_BYTES is a CR or LF of the lines' CRLFs: no CTL, no bare
-    # CR or LF.
-    if len(block.translate(None, _FIELD_BYTES)) != 2 * len(lines):
+    lines = rest[:-4].split(b"\r\n")
+    # No CTL left once the lines are split at their CRLFs: so no bare CR or LF either.
+    # (Translating to NUL and looking for one is several times faster than deleting the
+    # allowed bytes and counting what is left.)
+    if 0 in b"".join(lines).translate(_CTL_TO_NUL):
         _malformed_fields(head, error)
     for line in lines:
-        colon = line.find(b":")
-        if colon <= 0:
-            _malformed_fields(head, error)
-        name = line[:colon]
+        # The usual "Name: value" of a name already seen, one SP after the colon and no
+        # other whitespace around the value: a known name holds no colon, so the first
+        # ": " ends it. Anything else is split at its first colon and checked.
+        name, _, value = line.partition(b": ")
         lower = _NAMES.get(name)
-        if lower is None:
-            if name.translate(None, _TOKEN_BYTES):
-                _malformed_fields(head, error)
-            lower = name.lower()
-            if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_KEPT_LEN:
-                _NAMES[name] = lower
-        end = len(line)
-        # The usual "Name: value": one SP after the colon, no other whitespace around.
         if (
-            end > colon + 2
-            and line[colon + 1] == _SP
-            and line[colon + 2] != _SP
-            and line[colon + 2] != _HTAB
-            and line[end - 1] != _SP
-            and line[end - 1] != _HTAB
+            lower is None
+            or not value
+            or value[0] == _SP
+            or value[0] == _HTAB
+            or value[-1] == _SP
+            or value[-1] == _HTAB
         ):
-            value = line[colon + 2 :]
-        else:
+            colon = line.find(b":")
+            if colon <= 0:
+                _malformed_fields(head, error)
+            name = line[:colon]
+            lower = _NAMES.get(name)
+            if lower is None:
+                if name.translate(None, _TOKEN_BYTES):
+                    _malformed_fields(head, error)
+                lower = name.lower()
+                if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_KEPT_LEN:
+                    _NAMES[name] = lower
             value = line[colon + 1 :].strip(b" \t")
         headers.append((name, value))
         if lower in INDEXED:
@@ -515,6 +518,13 @@ def _transfer_coding_is_chunked(values: list[bytes]) -> bool:
 
 _V10: Final = (1, 0)
 _V11: Final = (1, 1)
+_VERSIONS: Final = {b"HTTP/1.1": _V11, b"HTTP/1.0": _V10}
+#: The methods of RFC 9110 section 9 and PATCH (RFC 5789): tokens, no check needed.
+_METHODS: Final = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH"}
+)
+#: A request target's bytes (the request-line pattern's): CTL, SP and DEL map to NUL.
+_TARGET_TO_NUL: Final = bytes(0 if byte <= 0x20 or byte == 0x7F else byte for byte in range(256))
 _ZERO: Final = ord("0")
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
@@ -533,10 +543,17 @@ def parse_request_head(head: bytes) -> RequestHead:
     while head.startswith(b"\r\n"):
         head = head[2:]
     first, headers, wanted = _split_head(head, RequestError)
-    fast = _REQUEST_LINE_FAST_RE.fullmatch(first)
-    if fast is not None:
-        method, target, major, minor = fast.groups()
-        version = _V11 if major == b"1" and minor == b"1" else (int(major), int(minor))
+    # The usual "METHOD target HTTP/1.x" read by its spaces; anything else (and every
+    # error) goes through the request-line patterns.
+    method, _, rest = first.partition(b" ")
+    target, _, version_text = rest.partition(b" ")
+    if (
+        version_text in _VERSIONS
+        and target
+        and (method in _METHODS or (method and not method.translate(None, _TOKEN_BYTES)))
+        and 0 not in target.translate(_TARGET_TO_NUL)
+    ):
+        version = _VERSIONS[version_text]
     else:
         m = _REQUEST_LINE_RE.fullmatch(first)
         if m is None:
@@ -605,24 +622,47 @@ def parse_request_head(head: bytes) -> RequestHead:
     return req
 
 
+def _status_line(first: bytes) -> tuple[int, bytes, tuple[int, int]]:
+    """The status code, reason and version of a status line (RFC 9112 section 4)."""
+    # The usual "HTTP/1.x NNN reason" read byte by byte; anything else (and every error)
+    # goes through the status-line pattern.
+    n = len(first)
+    if n >= 12 and first.startswith(b"HTTP/1."):
+        minor = first[7] - _ZERO
+        a = first[9] - _ZERO
+        b = first[10] - _ZERO
+        c = first[11] - _ZERO
+        if (
+            0 <= minor <= 9
+            and first[8] == _SP
+            and 0 <= a <= 9
+            and 0 <= b <= 9
+            and 0 <= c <= 9
+            and (n == 12 or first[12] == _SP)
+        ):
+            reason = first[13:]
+            if not reason or 0 not in reason.translate(_CTL_TO_NUL):
+                return a * 100 + b * 10 + c, reason, _V10 if minor == 0 else _V11
+    m = _STATUS_LINE_RE.fullmatch(first)
+    if m is None:
+        if b"\r" in first or b"\n" in first:
+            raise UpstreamError("bare CR or LF in the message head")
+        raise UpstreamError(f"malformed status line {_show(first)}")
+    major, minor_text, status_text, reason_or_none = m.groups()
+    if major != b"1":
+        raise UpstreamError(f"upstream answered with HTTP/{int(major)}.{int(minor_text)}")
+    # Three ASCII digits (the status-line pattern), as a number.
+    status = status_text[0] * 100 + status_text[1] * 10 + status_text[2] - _ZERO * 111
+    return status, reason_or_none or b"", _V10 if minor_text == b"0" else _V11
+
+
 def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     """Parse a response head and decide its framing (RFC 9112 section 6.3).
 
     Raises ``UpstreamError`` (502, ``http_protocol_error``) for anything malformed or
     ambiguous: a response kushi cannot frame exactly is never passed on."""
     first, headers, wanted = _split_head(head, UpstreamError)
-    m = _STATUS_LINE_RE.fullmatch(first)
-    if m is None:
-        if b"\r" in first or b"\n" in first:
-            raise UpstreamError("bare CR or LF in the message head")
-        raise UpstreamError(f"malformed status line {_show(first)}")
-    major, minor, status_text, reason_or_none = m.groups()
-    reason = reason_or_none or b""
-    if major != b"1":
-        raise UpstreamError(f"upstream answered with HTTP/{int(major)}.{int(minor)}")
-    version = _V10 if minor == b"0" else _V11
-    # Three ASCII digits (the status-line pattern), as a number.
-    status = status_text[0] * 100 + status_text[1] * 10 + status_text[2] - _ZERO * 111
+    status, reason, version = _status_line(first)
     if status < 100:
         raise UpstreamError(f"invalid status code {status}")
     resp = ResponseHead(status, reason, version, headers, index=wanted)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kushi import http1
-from kushi.errors import KushiError, RequestError, UpstreamError
+from kushi.errors import KushiError, RequestError, UpstreamError, VersionNotSupported
 from kushi.http1 import ChunkedReader, EndOfMessage, Header
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -208,6 +208,84 @@ def test_field_section_is_read_as_rfc_9112_reads_it(block: bytes) -> None:
             assert got.get_all(name) == [v for n, v in want if n.lower() == name]
 
 
+# --- the first lines against RFC 9112's grammar ------------------------------------------
+
+# status-line = HTTP-version SP status-code [ SP [ reason-phrase ] ] (the bare "HTTP/1.1 200"
+# accepted too); reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
+REFERENCE_STATUS = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
+STATUS_PIECES = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.", b"HTTP/2.0", b"HTTP/", b"http/1.1"]
+STATUS_PIECES += [b" ", b"  ", b"\t", b"200", b"099", b"20", b"2000", b"1", b"x"]
+STATUS_PIECES += [b"OK", b"Not Found", b"\x80\xff", b"\x00", b"\x7f", b"\x0b", b"\r", b"\n"]
+status_lines = st.lists(st.sampled_from(STATUS_PIECES), max_size=6).map(b"".join)
+
+
+@SETTINGS
+@given(line=status_lines)
+@example(line=b"HTTP/1.1 200 OK")
+@example(line=b"HTTP/1.0 404 Not Found")
+@example(line=b"HTTP/1.1 200")
+@example(line=b"HTTP/1.1 200 ")
+@example(line=b"HTTP/1.1 200  \tx\x80")
+@example(line=b"HTTP/1.1 200 O\x7fK")
+@example(line=b"HTTP/1.1 099 x")
+@example(line=b"HTTP/1.1 20x OK")
+@example(line=b"HTTP/1.1 2000")
+@example(line=b"HTTP/2.0 200 OK")
+@example(line=b"HTTP/1.1\t200 OK")
+def test_status_line_is_read_as_rfc_9112_reads_it(line: bytes) -> None:
+    m = REFERENCE_STATUS.fullmatch(line)
+    ok = m is not None and m.group(1) == b"1" and int(m.group(3)) >= 100
+    try:
+        got = http1.parse_response_head(line + b"\r\nContent-Length: 0\r\n\r\n", b"GET")
+    except UpstreamError:
+        assert not ok, f"refused a valid status line {line!r}"
+        return
+    assert ok and m is not None, f"accepted an invalid status line {line!r}"
+    assert got.status == int(m.group(3))
+    assert got.reason == (m.group(4) or b"")
+    assert got.version == ((1, 0) if m.group(2) == b"0" else (1, 1))
+
+
+# request-line = method SP request-target SP HTTP-version; method = token; the target's
+# bytes are visible ASCII and obs-text (what servers in the wild accept).
+REFERENCE_REQUEST = re.compile(
+    rb"([" + re.escape(TCHAR.encode()) + rb"]+) ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])"
+)
+REQUEST_PIECES = [b"GET", b"OPTIONS", b"get", b"M-SEARCH", b"(", b"", b" ", b"  ", b"\t"]
+REQUEST_PIECES += [b"/", b"/a?b=c", b"*", b"\x80", b"\x7f", b"\x00", b"\r", b"\n"]
+REQUEST_PIECES += [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/1", b"http/1.1"]
+request_lines = st.lists(st.sampled_from(REQUEST_PIECES), max_size=7).map(b"".join)
+
+
+@SETTINGS
+@given(line=request_lines)
+@example(line=b"GET / HTTP/1.1")
+@example(line=b"get /\x80 HTTP/1.0")
+@example(line=b"GET / HTTP/1.2")
+@example(line=b"GET / HTTP/2.0")
+@example(line=b"GET /\x7f HTTP/1.1")
+@example(line=b"GET /\tx HTTP/1.1")
+@example(line=b"G(T / HTTP/1.1")
+@example(line=b"GET  / HTTP/1.1")
+@example(line=b"GET / HTTP/1.1 ")
+@example(line=b"GET / / HTTP/1.1")
+@example(line=b"GET  HTTP/1.1")
+def test_request_line_is_read_as_rfc_9112_reads_it(line: bytes) -> None:
+    m = REFERENCE_REQUEST.fullmatch(line)
+    try:
+        got = http1.parse_request_head(line + b"\r\nHost: a\r\n\r\n")
+    except VersionNotSupported:
+        assert m is not None and m.group(3) != b"1", f"refused {line!r} for its version"
+        return
+    except RequestError:
+        assert m is None, f"refused a valid request line {line!r}"
+        return
+    assert m is not None, f"accepted an invalid request line {line!r}"
+    assert m.group(3) == b"1"
+    assert (got.method, got.target) == (m.group(1), m.group(2))
+    assert got.version == ((1, 0) if m.group(4) == b"0" else (1, 1))
+
+
 @SETTINGS
 @given(data=any_bytes, max_line=st.integers(1, 200), max_head=st.integers(1, 400))
 def test_find_head_end_raises_only_kushi_errors(data: bytes, max_line: int, max_head: int) -> None:
@@ -218,8 +296,9 @@ def test_find_head_end_raises_only_kushi_errors(data: bytes, max_line: int, max_
             assert exc.status in ((502,) if response else (414, 431))
             continue
         if end >= 0:
-            assert data[end - 4 : end] == b"\r\n\r\n"
+            assert data.find(b"\r\n\r\n") == end - 4  # (the first one)
             assert end <= max_head + 4
+            assert data.find(b"\r\n") <= max_line
         else:
             assert b"\r\n\r\n" not in data[: max_head + 4]
 
