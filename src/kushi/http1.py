@@ -263,8 +263,14 @@ def get_header(headers: Iterable[Header], name: bytes) -> bytes | None:
     return None
 
 
+def lower_name(name: bytes) -> bytes:
+    """The lower-case form of a field name: from the table of the spellings the parser has
+    already found valid (the parser's names carry their hash already), else made."""
+    return _NAMES.get(name) or name.lower()
+
+
 def get_all(headers: Iterable[Header], name: bytes) -> list[bytes]:
-    return [value for key, value in headers if key.lower() == name]
+    return [value for key, value in headers if lower_name(key) == name]
 
 
 def split_list(values: Iterable[bytes]) -> list[bytes]:
@@ -529,10 +535,24 @@ _ZERO: Final = ord("0")
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
+#: The options of the Connection values seen most (``keep-alive``, ``close``): the first
+#: 64 distinct single values of at most 64 bytes, each with its options.
+_TOKEN_SETS: Final[dict[bytes, frozenset[bytes]]] = {}
+
+
 def _connection_tokens(wanted: dict[bytes, list[bytes]]) -> frozenset[bytes]:
     """The options of a message's Connection fields (lower-cased)."""
     values = wanted.get(b"connection")
-    return frozenset(split_list(values)) if values else _NO_TOKENS
+    if not values:
+        return _NO_TOKENS
+    if len(values) > 1:
+        return frozenset(split_list(values))
+    tokens = _TOKEN_SETS.get(values[0])
+    if tokens is None:
+        tokens = frozenset(split_list(values))
+        if len(_TOKEN_SETS) < 64 and len(values[0]) <= 64:
+            _TOKEN_SETS[values[0]] = tokens
+    return tokens
 
 
 def parse_request_head(head: bytes) -> RequestHead:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
+from typing import Final
 
 from kushi.http1 import (
     HOP_BY_HOP,
@@ -20,6 +21,7 @@ from kushi.http1 import (
     ResponseHead,
     drop_set,
     get_all,
+    lower_name,
 )
 
 FORWARDING_FIELDS = frozenset(
@@ -32,6 +34,9 @@ FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
 _RESPONSE_DROP = HOP_BY_HOP | FRAMING_FIELDS
 _REQUEST_DROP = _RESPONSE_DROP | {b"host"}
 _UPGRADE = frozenset({b"upgrade"})
+_KEEP_NONE: frozenset[bytes] = frozenset()
+_REBUILT_TRUSTED = frozenset({b"forwarded", b"x-forwarded-for"})
+_UNDERSCORE = ord("_")
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,20 +138,27 @@ def upstream_request_headers(
 ) -> list[Header]:
     """The fields to send upstream, without framing fields (the caller adds them)."""
     drop = drop_set(
-        head.headers, head.connection, _UPGRADE if keep_upgrade else frozenset(), _REQUEST_DROP
+        head.headers, head.connection, _UPGRADE if keep_upgrade else _KEEP_NONE, _REQUEST_DROP
     )
-    headers = [(k, v) for k, v in head.headers if k.lower() not in drop]
+    # Forwarded and X-Forwarded-For are rebuilt below (extending a trusted proxy's); the
+    # rest of an untrusted client's forwarding fields are dropped.
+    rebuilt: frozenset[bytes] | None = None
     if reverse is not None:
-        # Forwarded and X-Forwarded-For are rebuilt below (extending a trusted proxy's);
-        # the rest of an untrusted client's forwarding fields are dropped.
-        rebuilt = FORWARDING_FIELDS if not reverse.trusted else {b"forwarded", b"x-forwarded-for"}
-        # X_Forwarded_For reads as X-Forwarded-For to gateways that map "_" to "-".
-        headers = [(k, v) for k, v in headers if k.lower().replace(b"_", b"-") not in rebuilt]
+        rebuilt = _REBUILT_TRUSTED if reverse.trusted else FORWARDING_FIELDS
     out: list[Header] = [(b"Host", host)]
-    out.extend(headers)
+    for item in head.headers:
+        lower = lower_name(item[0])
+        if lower in drop:
+            continue
+        # X_Forwarded_For reads as X-Forwarded-For to gateways that map "_" to "-".
+        if rebuilt is not None and (
+            lower in rebuilt or (_UNDERSCORE in lower and lower.replace(b"_", b"-") in rebuilt)
+        ):
+            continue
+        out.append(item)
     mf = max_forwards(head)
     if mf is not None:
-        out = [(k, v) for k, v in out if k.lower() != b"max-forwards"]
+        out = [item for item in out if lower_name(item[0]) != b"max-forwards"]
         out.append((b"Max-Forwards", str(max(mf - 1, 0)).encode()))
     if reverse is not None:
         # Forwarded host= and X-Forwarded-Host carry the Host the client sent (RFC 7239
@@ -160,26 +172,49 @@ def upstream_request_headers(
 
 def forwarding_headers(head: RequestHead, host: bytes, client: ClientInfo) -> list[Header]:
     """Forwarded and X-Forwarded-* for a reverse hop, appended to trusted incoming ones."""
-    node = _forwarded_node(client.address)
-    forwarded = f"for={node};proto={client.scheme}"
+    if client.trusted:
+        return _forwarding(host, client.address, client.scheme, client.local_address, head.headers)
+    if len(host) <= _HOST_KEPT_LEN:
+        # (The same for every request of a connection: made once, then looked up.)
+        return list(_own_forwarding(host, client.address, client.scheme, client.local_address))
+    return _forwarding(host, client.address, client.scheme, client.local_address, None)
+
+
+#: The longest Host kept in ``_own_forwarding``'s cache (a DNS name and a port).
+_HOST_KEPT_LEN: Final = 262
+
+
+@functools.lru_cache(maxsize=1024)
+def _own_forwarding(
+    host: bytes, address: str, scheme: str, local_address: str
+) -> tuple[Header, ...]:
+    """The forwarding fields for an untrusted client (none of its own extended)."""
+    return tuple(_forwarding(host, address, scheme, local_address, None))
+
+
+def _forwarding(
+    host: bytes, address: str, scheme: str, local_address: str, prior: list[Header] | None
+) -> list[Header]:
+    """The forwarding fields, extending those in ``prior`` (a trusted proxy's fields)."""
+    forwarded = f"for={_forwarded_node(address)};proto={scheme}"
     if host:
         forwarded += f';host="{host.decode("latin-1")}"'
-    if client.local_address:
-        forwarded = f"by={_forwarded_node(client.local_address)};" + forwarded
-    xff = client.address
+    if local_address:
+        forwarded = f"by={_forwarded_node(local_address)};" + forwarded
+    xff = address
     out: list[Header] = []
-    if client.trusted:
-        prior = get_all(head.headers, b"x-forwarded-for")
-        if prior:
-            xff = ", ".join(v.decode("latin-1") for v in prior) + ", " + xff
-        prior_fwd = get_all(head.headers, b"forwarded")
+    if prior:
+        prior_xff = get_all(prior, b"x-forwarded-for")
+        if prior_xff:
+            xff = ", ".join(v.decode("latin-1") for v in prior_xff) + ", " + xff
+        prior_fwd = get_all(prior, b"forwarded")
         if prior_fwd:
             forwarded = ", ".join(v.decode("latin-1") for v in prior_fwd) + ", " + forwarded
     out.append((b"Forwarded", forwarded.encode("latin-1")))
     out.append((b"X-Forwarded-For", xff.encode("latin-1")))
-    if not (client.trusted and get_all(head.headers, b"x-forwarded-proto")):
-        out.append((b"X-Forwarded-Proto", client.scheme.encode()))
-    if host and not (client.trusted and get_all(head.headers, b"x-forwarded-host")):
+    if not (prior and get_all(prior, b"x-forwarded-proto")):
+        out.append((b"X-Forwarded-Proto", scheme.encode()))
+    if host and not (prior and get_all(prior, b"x-forwarded-host")):
         out.append((b"X-Forwarded-Host", host))
     return out
 
@@ -193,21 +228,21 @@ def downstream_response_headers(
 ) -> list[Header]:
     """The fields to send to the client, without framing and Connection fields."""
     drop = drop_set(
-        resp.headers, resp.connection, _UPGRADE if keep_upgrade else frozenset(), _RESPONSE_DROP
+        resp.headers, resp.connection, _UPGRADE if keep_upgrade else _KEEP_NONE, _RESPONSE_DROP
     )
     headers = []
-    for key, value in resp.headers:
-        lower = key.lower()
+    for item in resp.headers:
+        lower = lower_name(item[0])
         if lower in drop:
             continue
         if lower == b"proxy-status":
             # An upstream's member that carries kushi's name would read as kushi's own
             # proof (where it connected, over which family): only kushi writes those.
-            kept = drop_members(value, PROXY_NAMES)
+            kept = drop_members(item[1], PROXY_NAMES)
             if kept is None:
                 continue
-            value = kept
-        headers.append((key, value))
+            item = (item[0], kept)
+        headers.append(item)
     headers.append((b"Via", via_value(resp.version, pseudonym)))
     headers.append((b"Proxy-Status", proxy_status))
     return headers

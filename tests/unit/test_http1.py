@@ -1019,3 +1019,31 @@ def test_known_field_names_are_bounded_and_do_not_change_the_result() -> None:
     assert req.headers == [(b"hOsT", b"b"), (b"X-Unkept-Name", b"v")]
     with pytest.raises(RequestError, match="invalid header field name"):
         http1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: v\r\n\r\n")
+
+
+def test_connection_options_remembered_are_bounded_and_do_not_change_the_result() -> None:
+    """The options of the single Connection values seen first are kept (at most 64 values
+    of at most 64 bytes); any other value, or several fields, is split every time."""
+    http1._TOKEN_SETS.clear()  # (a cache: emptying it changes nothing but what it holds)
+    for _ in range(2):
+        resp = http1.parse_response_head(
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, X-Foo\r\nContent-Length: 0\r\n\r\n", b"GET"
+        )
+        assert resp.connection == {b"keep-alive", b"x-foo"} and resp.keep_alive
+        resp = http1.parse_response_head(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", b"GET"
+        )
+        assert resp.connection == {b"close"} and not resp.keep_alive
+    two = http1.parse_request_head(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: a\r\nConnection: b\r\n\r\n"
+    )
+    assert two.connection == {b"a", b"b"}
+    for i in range(100):
+        req = http1.parse_request_head(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: o%d\r\n\r\n" % i)
+        assert req.connection == {b"o%d" % i}
+    long_value = b"x" * 65
+    req = http1.parse_request_head(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: " + long_value + b"\r\n\r\n"
+    )
+    assert req.connection == {long_value}
+    assert len(http1._TOKEN_SETS) <= 64 and long_value not in http1._TOKEN_SETS

@@ -208,3 +208,43 @@ def test_forwarding_headers_https_scheme_and_name_node() -> None:
     out = forwarding_headers(req(), b"example.test", ClientInfo("unknown-node", 0, scheme="https"))
     assert (b"Forwarded", b'for="unknown-node";proto=https;host="example.test"') in out
     assert (b"X-Forwarded-Proto", b"https") in out
+
+
+def test_forwarding_fields_spelled_with_underscores_are_dropped_in_reverse() -> None:
+    """X_Forwarded_For reads as X-Forwarded-For to gateways that map "_" to "-": from an
+    untrusted client every such spelling is dropped, from a trusted proxy the rebuilt ones
+    (which kushi extends only in their proper spelling)."""
+    head = req("X_Forwarded_For: 203.0.113.66", "x_real_ip: 203.0.113.66", "X_Other: kept")
+    out = upstream(head, reverse=ClientInfo("2001:db8::1", 1, trusted=False))
+    assert "203.0.113.66" not in repr(out)
+    assert values(out, "x_other") == ["kept"]
+    assert values(out, "x-forwarded-for") == ["2001:db8::1"]
+    out = upstream(head, reverse=ClientInfo("2001:db8::1", 1, trusted=True))
+    assert values(out, "x-forwarded-for") == ["2001:db8::1"]
+    assert "x_forwarded_for" not in names(out)
+    assert values(out, "x_real_ip") == ["203.0.113.66"]  # (a trusted proxy's, passed on)
+
+
+def test_forwarding_fields_made_once_per_client_are_not_shared() -> None:
+    """An untrusted client's forwarding fields come from a cache: each caller gets its own
+    list, and a different client, scheme or Host gets its own fields."""
+    client = ClientInfo("198.51.100.7", 1, local_address="2001:db8::80")
+    first = forwarding_headers(req(), b"example.test", client)
+    first.append((b"X-Mine", b"1"))
+    again = forwarding_headers(req(), b"example.test", client)
+    assert (b"X-Mine", b"1") not in again
+    assert again == [
+        (b"Forwarded", b'by="[2001:db8::80]";for=198.51.100.7;proto=http;host="example.test"'),
+        (b"X-Forwarded-For", b"198.51.100.7"),
+        (b"X-Forwarded-Proto", b"http"),
+        (b"X-Forwarded-Host", b"example.test"),
+    ]
+    other = forwarding_headers(req(), b"other.test", ClientInfo("198.51.100.8", 1, scheme="https"))
+    assert other == [
+        (b"Forwarded", b'for=198.51.100.8;proto=https;host="other.test"'),
+        (b"X-Forwarded-For", b"198.51.100.8"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"other.test"),
+    ]
+    long_host = b"a" * 300 + b".test"  # (not kept in the cache, made every time)
+    assert (b"X-Forwarded-Host", long_host) in forwarding_headers(req(), long_host, client)
