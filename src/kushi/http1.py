@@ -536,8 +536,10 @@ _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 #: The options of the Connection values seen most (``keep-alive``, ``close``): the first
-#: 64 distinct single values of at most 64 bytes, each with its options.
+#: ``_TOKEN_SETS_MAX`` distinct single values of at most ``_TOKEN_VALUE_KEPT_LEN`` bytes.
 _TOKEN_SETS: Final[dict[bytes, frozenset[bytes]]] = {}
+_TOKEN_SETS_MAX: Final = 64
+_TOKEN_VALUE_KEPT_LEN: Final = 64
 
 
 def _connection_tokens(wanted: dict[bytes, list[bytes]]) -> frozenset[bytes]:
@@ -550,7 +552,7 @@ def _connection_tokens(wanted: dict[bytes, list[bytes]]) -> frozenset[bytes]:
     tokens = _TOKEN_SETS.get(values[0])
     if tokens is None:
         tokens = frozenset(split_list(values))
-        if len(_TOKEN_SETS) < 64 and len(values[0]) <= 64:
+        if len(_TOKEN_SETS) < _TOKEN_SETS_MAX and len(values[0]) <= _TOKEN_VALUE_KEPT_LEN:
             _TOKEN_SETS[values[0]] = tokens
     return tokens
 

@@ -36,7 +36,6 @@ _REQUEST_DROP = _RESPONSE_DROP | {b"host"}
 _UPGRADE = frozenset({b"upgrade"})
 _KEEP_NONE: frozenset[bytes] = frozenset()
 _REBUILT_TRUSTED = frozenset({b"forwarded", b"x-forwarded-for"})
-_UNDERSCORE = ord("_")
 
 
 @functools.lru_cache(maxsize=64)
@@ -152,7 +151,7 @@ def upstream_request_headers(
             continue
         # X_Forwarded_For reads as X-Forwarded-For to gateways that map "_" to "-".
         if rebuilt is not None and (
-            lower in rebuilt or (_UNDERSCORE in lower and lower.replace(b"_", b"-") in rebuilt)
+            lower in rebuilt or (b"_" in lower and lower.replace(b"_", b"-") in rebuilt)
         ):
             continue
         out.append(item)
