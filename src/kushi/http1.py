@@ -776,13 +776,16 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 @dataclass(slots=True)
 class Target:
-    """A request target (RFC 9112 section 3.2) reduced to what routing needs."""
+    """A request target (RFC 9112 section 3.2) reduced to what routing needs.
+    ``authority`` is ``host[:port]`` as a Host field gives it (IPv6 in brackets, the
+    scheme's default port left out); empty for the origin and asterisk forms."""
 
     form: Literal["origin", "absolute", "authority", "asterisk"]
     scheme: str = ""
     host: str = ""
     port: int = 0
     path: bytes = b"/"
+    authority: str = ""
 
     def __init__(
         self,
@@ -791,17 +794,19 @@ class Target:
         host: str = "",
         port: int = 0,
         path: bytes = b"/",
+        authority: str = "",
     ) -> None:
         self.form = form
         self.scheme = scheme
         self.host = host
         self.port = port
         self.path = path
+        self.authority = authority
 
-    @property
-    def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == _DEFAULT_PORTS.get(self.scheme) else f"{host}:{self.port}"
+
+def _authority_text(scheme: str, host: str, port: int) -> str:
+    text = f"[{host}]" if ":" in host else host
+    return text if port == _DEFAULT_PORTS.get(scheme) else f"{text}:{port}"
 
 
 def parse_target(method: bytes, target: bytes) -> Target:
@@ -814,7 +819,7 @@ def parse_target(method: bytes, target: bytes) -> Target:
             raise RequestError(f"invalid CONNECT target {_show(target)}") from None
         if port is None or port == 0:
             raise RequestError("CONNECT target needs a port")
-        return Target("authority", "", host, port, b"")
+        return Target("authority", "", host, port, b"", _authority_text("", host, port))
     if target.startswith(b"/"):
         return Target("origin", path=target)
     if target == b"*":
@@ -822,7 +827,7 @@ def parse_target(method: bytes, target: bytes) -> Target:
             raise RequestError("asterisk-form is only for OPTIONS")
         return Target("asterisk", path=b"*")
     scheme, sep, rest = target.partition(b"://")
-    if not sep or not _TOKEN_RE.fullmatch(scheme):
+    if not sep:
         raise RequestError(f"invalid request target {_show(target)}")
     slash = len(rest)
     for ch in (b"/", b"?"):
@@ -830,18 +835,38 @@ def parse_target(method: bytes, target: bytes) -> Target:
         if 0 <= pos < slash:
             slash = pos
     authority, path = rest[:slash], rest[slash:]
-    if _AT in authority:
-        raise RequestError("user information in the request target is not allowed")
     try:
-        host, port = split_authority(authority)
-    except ValueError:
-        raise RequestError(f"invalid host in request target {_show(target)}") from None
+        if len(scheme) + len(authority) > 300:
+            scheme_text, host, port, text = _absolute_parts(scheme, authority)
+        else:
+            scheme_text, host, port, text = _absolute_parts_cached(scheme, authority)
+    except ValueError as e:
+        if e.args[0] == "userinfo":
+            raise RequestError("user information in the request target is not allowed") from None
+        what = "request target" if e.args[0] == "scheme" else "host in request target"
+        raise RequestError(f"invalid {what} {_show(target)}") from None
+    if path.startswith(b"?"):
+        path = b"/" + path
+    return Target("absolute", scheme_text, host, port, path or b"/", text)
+
+
+def _absolute_parts(scheme: bytes, authority: bytes) -> tuple[str, str, int, str]:
+    """An absolute-form target's scheme, host, port and authority text. Cached (below),
+    as a forward proxy's clients ask for the same few origins over and over; only short
+    ones, as for ``split_authority``. Raises ValueError ("scheme", "userinfo", or that of
+    ``split_authority`` for the host), which the cache does not keep."""
+    if not _TOKEN_RE.fullmatch(scheme):
+        raise ValueError("scheme")
+    if _AT in authority:
+        raise ValueError("userinfo")
+    host, port = split_authority(authority)  # ValueError: "bad host", "bad port", ...
     scheme_text = scheme.decode("ascii").lower()
     if port is None:
         port = _DEFAULT_PORTS.get(scheme_text, 0)
-    if path.startswith(b"?"):
-        path = b"/" + path
-    return Target("absolute", scheme_text, host, port, path or b"/")
+    return scheme_text, host, port, _authority_text(scheme_text, host, port)
+
+
+_absolute_parts_cached = functools.lru_cache(maxsize=1024)(_absolute_parts)
 
 
 # --- bodies ------------------------------------------------------------------------------

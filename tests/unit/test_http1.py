@@ -532,6 +532,7 @@ def test_absolute_form(
 def test_authority_form_for_connect(target: bytes, host: str, port: int) -> None:
     t = parse_target(b"CONNECT", target)
     assert (t.form, t.host, t.port, t.path) == ("authority", host, port, b"")
+    assert t.authority == (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
 @pytest.mark.parametrize(
@@ -986,6 +987,36 @@ def test_split_authority_caches_only_short_authorities() -> None:
     assert http1._split_authority_cached.cache_info().currsize == before
     assert http1.split_authority(b"[2001:db8::1]:443") == ("2001:db8::1", 443)
     assert http1._split_authority_cached.cache_info().currsize <= before + 1
+
+
+def test_absolute_targets_are_cached_by_origin_and_only_short_ones() -> None:
+    """The scheme and authority of an absolute-form target are parsed once per origin:
+    the same answer every time (and a new Target each time), errors with the whole target
+    in their message and never kept, long authorities parsed every time."""
+    http1._absolute_parts_cached.cache_clear()
+    first = parse_target(b"GET", b"http://Cache.Example:8080/a?x")
+    second = parse_target(b"GET", b"http://Cache.Example:8080/b")
+    assert first is not second
+    assert (second.host, second.port, second.path, second.authority) == (
+        "cache.example",
+        8080,
+        b"/b",
+        "cache.example:8080",
+    )
+    assert first.path == b"/a?x"
+    assert http1._absolute_parts_cached.cache_info().currsize == 1
+    for _ in range(2):
+        with pytest.raises(RequestError, match=r"invalid host in request target 'http://a b/x'"):
+            parse_target(b"GET", b"http://a b/x")
+        with pytest.raises(RequestError, match=r"invalid request target 'ht tp://a/'"):
+            parse_target(b"GET", b"ht tp://a/")
+        with pytest.raises(RequestError, match="user information"):
+            parse_target(b"GET", b"http://u@a/")
+    long_host = b"a" * 400 + b".test"
+    for i in range(20):
+        t = parse_target(b"GET", b"http://" + long_host + b":%d/" % (1000 + i))
+        assert t.authority == f"{long_host.decode()}:{1000 + i}"
+    assert http1._absolute_parts_cached.cache_info().currsize == 1
 
 
 def test_buffered_chunked_body_is_checked_before_forwarding() -> None:
