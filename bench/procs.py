@@ -291,6 +291,42 @@ class RssSampler:
         return max(self.samples, default=0)
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds used so far by ``root`` and its descendants."""
+    ticks = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # (exited meanwhile)
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """How busy all CPUs were while the block ran, and the CPU seconds a process tree
+    (the proxy) used meanwhile: whether a row was limited by the proxy or by the machine."""
+
+    def __init__(self, root: int | None) -> None:
+        self.root = root
+        self.busy_pct = 0.0
+        self.tree_seconds: float | None = None
+
+    def __enter__(self) -> CpuMeter:
+        self._total, self._idle = _cpu_times()
+        self._tree = tree_cpu_seconds(self.root) if self.root else 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        total, idle = _cpu_times()
+        span = total - self._total
+        if span > 0:
+            self.busy_pct = 100.0 * (span - (idle - self._idle)) / span
+        if self.root:
+            self.tree_seconds = tree_cpu_seconds(self.root) - self._tree
+
+
 def _cpu_times() -> tuple[int, int]:
     with open("/proc/stat") as f:
         values = [int(x) for x in f.readline().split()[1:]]

@@ -20,6 +20,8 @@ METRICS = (
     "wrk_rps",
     "wrk_p50_ms",
     "wrk_p99_ms",
+    "wrk_busy_pct",
+    "wrk_proxy_us",
     "ab_rps",
     "get_mbps",
     "connect_mbps",
@@ -116,6 +118,16 @@ def _saw(agg: dict[str, Any]) -> str:
     return ", ".join(f"`{s}`" for s in agg["origin_saw"]) or "–"
 
 
+def _cpu(m: dict[str, Any]) -> str:
+    """How busy the machine was during the keep-alive run, and the proxy's CPU per
+    request (user + system of its process tree): a row near 100% busy is limited by
+    the machine (wrk and nginx share its cores), not by the proxy."""
+    if m.get("wrk_busy_pct") is None:
+        return "–"
+    busy = f"{m['wrk_busy_pct']:.0f}%"
+    return busy if m.get("wrk_proxy_us") is None else f"{busy} / {m['wrk_proxy_us']:.1f}"
+
+
 def forward_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
     def base(row: str, key: str) -> float | None:
         a = aggs.get(row)
@@ -123,12 +135,13 @@ def forward_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
 
     head = (
         "| row | keep-alive 1 KiB req/s (×direct / ×squid) | p99 ms "
+        "| CPU busy % / proxy µs per request, keep-alive "
         "| no keep-alive req/s, ab (×direct / ×squid) "
         f"| GET {blob_mib} MiB, MB/s (×direct / ×squid) "
         f"| CONNECT {blob_mib} MiB, MB/s (×direct / ×squid) "
         "| RSS under load, MiB | RSS Δ GET / CONNECT, MiB | procs | origin saw | checks |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for row in ROWS:
         if row.kind in ("reverse", "tcp") or row.name not in aggs:
             continue
@@ -138,6 +151,7 @@ def forward_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
         for key, digits in (("wrk_rps", 0), ("wrk_p99_ms", 2), ("ab_rps", 0)):
             if key.endswith("_ms"):
                 cells.append(_num(m[key], digits))
+                cells.append(_cpu(m))
             else:
                 cells.append(_cell(m[key], [base("direct", key), base("squid", key)], digits))
         for key in ("get_mbps", "connect_mbps"):
@@ -237,10 +251,11 @@ def reverse_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
     anchor = {"reverse": "nginx-reverse", "tcp": "haproxy-tcp", "direct": "nginx-reverse"}
     head = (
         "| row | keep-alive 1 KiB req/s (×direct / ×anchor) | p50 ms | p99 ms "
+        "| CPU busy % / proxy µs per request, keep-alive "
         f"| GET {blob_mib} MiB, MB/s (×direct / ×anchor) | RSS under load, MiB | RSS Δ GET, MiB "
         "| procs | origin saw | checks |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for row in ROWS:
         if row.kind == "forward" or row.name not in aggs:
             continue
@@ -252,6 +267,7 @@ def reverse_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
             _cell(m["wrk_rps"], [base("direct", "wrk_rps"), base(other, "wrk_rps")]),
             _num(m["wrk_p50_ms"], 2),
             _num(m["wrk_p99_ms"], 2),
+            _cpu(m),
             _cell(m["get_mbps"], [base("direct", "get_mbps"), base(other, "get_mbps")]),
             _num(m["rss_load_mib"], 1) if row.kind != "direct" else "–",
             _num(m["rss_get_delta_mib"], 1) if row.kind != "direct" else "–",

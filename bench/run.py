@@ -19,6 +19,7 @@ from typing import Any
 from bench import clients, plot, report
 from bench.procs import (
     BenchError,
+    CpuMeter,
     RssSampler,
     cpu_busy_percent,
     stop_all,
@@ -171,11 +172,15 @@ def measure(row: Row, env: Env, s: Settings, blob: Blob) -> dict[str, Any]:
             try:
                 clients.wrk(url, script, s.warmup)
                 if root:
-                    with RssSampler(root, 0.1) as sampler:
+                    with RssSampler(root, 0.1) as sampler, CpuMeter(root) as cpu:
                         w = clients.wrk(url, script, s.duration)
                     res["rss_load_mib"] = _mib(sampler.peak_kib)
                 else:
-                    w = clients.wrk(url, script, s.duration)
+                    with CpuMeter(None) as cpu:
+                        w = clients.wrk(url, script, s.duration)
+                res["wrk_busy_pct"] = cpu.busy_pct
+                if cpu.tree_seconds is not None and w.requests:
+                    res["wrk_proxy_us"] = cpu.tree_seconds / w.requests * 1e6
                 res["wrk"] = w.as_dict()
                 res["wrk_rps"] = w.rps
                 res["wrk_p50_ms"] = w.p50_ms
