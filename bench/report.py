@@ -148,12 +148,10 @@ def forward_table(aggs: dict[str, dict[str, Any]], blob_mib: int) -> str:
         a = aggs[row.name]
         m = a["median"]
         cells = [f"**{row.name}**"]
-        for key, digits in (("wrk_rps", 0), ("wrk_p99_ms", 2), ("ab_rps", 0)):
-            if key.endswith("_ms"):
-                cells.append(_num(m[key], digits))
-                cells.append(_cpu(m))
-            else:
-                cells.append(_cell(m[key], [base("direct", key), base("squid", key)], digits))
+        cells.append(_cell(m["wrk_rps"], [base("direct", "wrk_rps"), base("squid", "wrk_rps")]))
+        cells.append(_num(m["wrk_p99_ms"], 2))
+        cells.append(_cpu(m))
+        cells.append(_cell(m["ab_rps"], [base("direct", "ab_rps"), base("squid", "ab_rps")]))
         for key in ("get_mbps", "connect_mbps"):
             cells.append(_cell(m[key], [base("direct", key), base("squid", key)], 0))
         cells.append(_num(m["rss_load_mib"], 1))

@@ -728,12 +728,16 @@ _REG_NAME_RE = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%]+")
 _IPV6_LITERAL_RE = re.compile(rb"\[[0-9A-Fa-f:.]+\]")
 
 
+#: The longest authority (or scheme and authority) the target caches below keep.
+_AUTHORITY_KEPT_LEN: Final = 300
+
+
 def split_authority(authority: bytes) -> tuple[str, int | None]:
     """``host[:port]`` to (host without brackets, port or None). Raises ValueError.
 
     Cached, as a client asks for the same few authorities over and over; only short ones,
     so that a client cannot fill the cache with long junk (a DNS name has 253 bytes)."""
-    if len(authority) > 300:
+    if len(authority) > _AUTHORITY_KEPT_LEN:
         return _split_authority(authority)
     return _split_authority_cached(authority)
 
@@ -836,7 +840,7 @@ def parse_target(method: bytes, target: bytes) -> Target:
             slash = pos
     authority, path = rest[:slash], rest[slash:]
     try:
-        if len(scheme) + len(authority) > 300:
+        if len(scheme) + len(authority) > _AUTHORITY_KEPT_LEN:
             scheme_text, host, port, text = _absolute_parts(scheme, authority)
         else:
             scheme_text, host, port, text = _absolute_parts_cached(scheme, authority)
@@ -859,7 +863,8 @@ def _absolute_parts(scheme: bytes, authority: bytes) -> tuple[str, str, int, str
         raise ValueError("scheme")
     if _AT in authority:
         raise ValueError("userinfo")
-    host, port = split_authority(authority)  # ValueError: "bad host", "bad port", ...
+    # (Uncached: this function's own cache already holds the answer.)
+    host, port = _split_authority(authority)  # ValueError: "bad host", "bad port", ...
     scheme_text = scheme.decode("ascii").lower()
     if port is None:
         port = _DEFAULT_PORTS.get(scheme_text, 0)
